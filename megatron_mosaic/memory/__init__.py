@@ -1,0 +1,22 @@
+"""The Memory Mosaics math on one device, in pure torch (spec sections 1-4).
+
+Layout (B, H, T, D) for per-head tensors. Nothing here knows about Megatron or parallelism;
+context parallelism composes these functions (megatron_mosaic.parallel).
+"""
+
+from megatron_mosaic.memory.bandwidth import adaptive_bandwidth
+from megatron_mosaic.memory.layout import SequenceLayout
+from megatron_mosaic.memory.retrieval import Visibility, associative_recall, merge_partial_recalls
+from megatron_mosaic.memory.scan import RecurrenceState, linear_recurrence
+from megatron_mosaic.memory.values import peek_values
+
+__all__ = [
+    "RecurrenceState",
+    "SequenceLayout",
+    "Visibility",
+    "adaptive_bandwidth",
+    "associative_recall",
+    "linear_recurrence",
+    "merge_partial_recalls",
+    "peek_values",
+]

@@ -1,0 +1,76 @@
+"""Run a test body in N gloo processes and collect what each rank returns.
+
+Multi-process tests call ``run_distributed(fn, world_size, *args)``; ``fn(rank, world_size,
+*args)`` must be a module-level function (spawned processes import it by name). Each rank's
+return value must be picklable; an exception on any rank fails the test with that rank's
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+    )
+    # Two cores shared by up to four ranks: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    result_path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, result_path)
+    except BaseException:  # report every failure, including assertion errors, to the parent
+        torch.save({"ok": False, "error": traceback.format_exc()}, result_path)
+        raise
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        except Exception:
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
+    """Spawn ``world_size`` gloo ranks running ``fn(rank, world_size, *args)``; return results by rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = _free_port()
+        try:
+            mp.start_processes(
+                _worker, args=(world_size, port, out_dir, fn, args), nprocs=world_size,
+                join=True, start_method="spawn",
+            )
+        except mp.ProcessRaisedException:
+            pass  # the per-rank files below carry the real traceback
+        except mp.ProcessExitedException:
+            pass
+        results = []
+        for rank in range(world_size):
+            path = os.path.join(out_dir, f"rank{rank}.pt")
+            if not os.path.exists(path):
+                raise AssertionError(f"rank {rank} died without reporting a result")
+            record = torch.load(path, weights_only=False)
+            if not record["ok"]:
+                raise AssertionError(f"rank {rank} failed:\n{record['error']}")
+            results.append(record["result"])
+        return results
