@@ -4,11 +4,11 @@ Layout (B, H, T, D) for per-head tensors. Nothing here knows about Megatron or p
 context parallelism composes these functions (megatron_mosaic.parallel).
 """
 
-from megatron_mosaic.memory.bandwidth import adaptive_bandwidth
-from megatron_mosaic.memory.layout import SequenceLayout
-from megatron_mosaic.memory.retrieval import Visibility, associative_recall, merge_partial_recalls
-from megatron_mosaic.memory.scan import RecurrenceState, linear_recurrence
-from megatron_mosaic.memory.values import peek_values
+from .bandwidth import adaptive_bandwidth
+from .layout import SequenceLayout
+from .retrieval import Visibility, associative_recall, merge_partial_recalls
+from .scan import RecurrenceState, linear_recurrence
+from .values import peek_values
 
 __all__ = [
     "RecurrenceState",

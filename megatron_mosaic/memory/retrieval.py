@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from megatron_mosaic.memory.layout import SequenceLayout
+from .layout import SequenceLayout
 
 
 @dataclass(frozen=True)
