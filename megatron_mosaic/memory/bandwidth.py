@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -10,5 +11,21 @@ def adaptive_bandwidth(theta_0: Tensor, theta_1: Tensor, theta_alpha: Tensor, co
 
     theta_*: (H,) per-head parameters; counts: (B, T) int64 n_t.
     Returns (B, H, T, 1) in theta's dtype, to multiply the query copy of the unit keys.
+
+    n_t = 0 gives β₀ (0^α taken as 0, with a zero gradient for α; such rows are empty anyway).
+    Computed in fp32 (fp64 if theta is fp64).
     """
-    raise NotImplementedError
+    for name, th in (("theta_0", theta_0), ("theta_1", theta_1), ("theta_alpha", theta_alpha)):
+        if th.dim() != 1:
+            raise ValueError(f"adaptive_bandwidth: {name} must be (H,), got shape {tuple(th.shape)}")
+    if counts.dim() != 2:
+        raise ValueError(f"adaptive_bandwidth: counts must be (B, T), got shape {tuple(counts.shape)}")
+    ctype = torch.float64 if theta_0.dtype == torch.float64 else torch.float32
+    beta_0 = torch.exp(theta_0.to(ctype).clamp(max=10.0)).view(1, -1, 1, 1)
+    beta_1 = torch.exp(theta_1.to(ctype).clamp(max=10.0)).view(1, -1, 1, 1)
+    alpha = theta_alpha.to(ctype).abs().clamp(max=1.0).view(1, -1, 1, 1)
+    n = counts.to(ctype)[:, None, :, None]
+    # n^α as exp(α·log n) on n ≥ 1 only: pow at n = 0 has a NaN gradient in α.
+    positive = n > 0
+    n_pow_alpha = torch.where(positive, torch.exp(alpha * torch.log(n.clamp(min=1.0))), torch.zeros((), dtype=ctype))
+    return (beta_1 * n_pow_alpha + beta_0).to(theta_0.dtype)

@@ -28,10 +28,39 @@ class SequenceLayout:
     doc_starts: Tensor
     total_length: int
 
+    def __post_init__(self) -> None:
+        # Shape/dtype checks only: value checks would force a device sync on every layer call.
+        if self.positions.dim() != 2:
+            raise ValueError(f"SequenceLayout.positions must be (B, T), got shape {tuple(self.positions.shape)}")
+        if self.doc_starts.shape != self.positions.shape:
+            raise ValueError(
+                f"SequenceLayout.doc_starts shape {tuple(self.doc_starts.shape)} != positions shape "
+                f"{tuple(self.positions.shape)}"
+            )
+        for name in ("positions", "doc_starts"):
+            t = getattr(self, name)
+            if t.dtype != torch.int64:
+                raise TypeError(f"SequenceLayout.{name} must be int64, got {t.dtype}")
+        if self.total_length < self.positions.shape[1]:
+            raise ValueError(
+                f"SequenceLayout.total_length={self.total_length} < number of tokens held "
+                f"({self.positions.shape[1]})"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        """Number of tokens held here (local T)."""
+        return self.positions.shape[1]
+
     @staticmethod
     def contiguous(batch_size: int, seq_len: int, device: torch.device | str | None = None) -> "SequenceLayout":
         """One document per sequence, positions 0..seq_len-1."""
-        raise NotImplementedError
+        positions = torch.arange(seq_len, dtype=torch.int64, device=device).expand(batch_size, seq_len)
+        return SequenceLayout(positions.contiguous(), torch.zeros_like(positions), seq_len)
 
     @staticmethod
     def from_tokens(tokens: Tensor, eod_token: int) -> "SequenceLayout":
@@ -39,18 +68,36 @@ class SequenceLayout:
 
         The EOD token belongs to the document it ends; the token after it starts a new document.
         """
-        raise NotImplementedError
+        if tokens.dim() != 2:
+            raise ValueError(f"from_tokens: tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        batch_size, seq_len = tokens.shape
+        positions = torch.arange(seq_len, dtype=torch.int64, device=tokens.device).expand(batch_size, seq_len)
+        starts = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=tokens.device)
+        starts[:, 0] = True
+        starts[:, 1:] = tokens[:, :-1] == eod_token
+        # A token's document start is the latest start at or before it: a running max.
+        doc_starts = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+        return SequenceLayout(positions.contiguous(), doc_starts, seq_len)
 
     @property
     def resets(self) -> Tensor:
         """(B, T) bool: True where a document starts (recurrences reset, memories start empty)."""
-        raise NotImplementedError
+        return self.positions == self.doc_starts
 
     @property
     def single_document(self) -> bool:
-        """True when no token here starts a document after global position 0 (fast paths)."""
-        raise NotImplementedError
+        """True when no token here starts a document after global position 0 (fast paths).
+
+        Implemented as "every token here belongs to the document starting at 0", which is the
+        same thing for a whole sequence and the conservative answer for a context-parallel chunk.
+        """
+        return not bool(self.doc_starts.any())
 
     def index_select(self, index: Tensor) -> "SequenceLayout":
         """The layout of the tokens at local indices ``index`` (1-D, along T); total_length kept."""
-        raise NotImplementedError
+        if index.dim() != 1:
+            raise ValueError(f"index_select: index must be 1-D, got shape {tuple(index.shape)}")
+        index = index.to(self.positions.device)
+        return SequenceLayout(
+            self.positions.index_select(1, index), self.doc_starts.index_select(1, index), self.total_length
+        )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .layout import SequenceLayout
@@ -26,13 +28,103 @@ class Visibility:
     delay: int = 1
     window: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.delay < 0:
+            raise ValueError(f"Visibility.delay must be >= 0, got {self.delay}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"Visibility.window must be None or >= 1, got {self.window}")
+
     def visible_counts(self, layout: SequenceLayout) -> Tensor:
-        """n_t: (B, T) int64 number of visible pairs for each query (closed form)."""
-        raise NotImplementedError
+        """n_t: (B, T) int64 number of visible pairs for each query (closed form).
+
+        Counts pairs of the full sequence (global positions), not only those held locally.
+        """
+        t = layout.positions
+        lower = layout.doc_starts
+        if self.window is not None:
+            lower = torch.maximum(lower, t - self.window + 1)
+        return (t - self.delay - lower + 1).clamp(min=0)
 
     def mask(self, query_layout: SequenceLayout, key_layout: SequenceLayout) -> Tensor:
         """(B, 1, Tq, Tk) bool, True where the key is visible to the query."""
-        raise NotImplementedError
+        tq = query_layout.positions[:, :, None]
+        ti = key_layout.positions[:, None, :]
+        visible = (query_layout.doc_starts[:, :, None] == key_layout.doc_starts[:, None, :]) & (ti <= tq - self.delay)
+        if self.window is not None:
+            visible = visible & (ti >= tq - self.window + 1)
+        return visible[:, None]
+
+
+def _is_plain_shift(query_layout: SequenceLayout, key_layout: SequenceLayout) -> bool:
+    """Queries and keys are the same consecutive run of one document: the shifted-SDPA case."""
+    qp, kp = query_layout.positions, key_layout.positions
+    if qp.shape != kp.shape or qp.shape[1] == 0:
+        return False
+    offsets = torch.arange(qp.shape[1], device=qp.device)
+    return bool(
+        torch.equal(qp, kp)
+        and torch.equal(query_layout.doc_starts, key_layout.doc_starts)
+        and (qp == qp[:, :1] + offsets).all()
+        and (query_layout.doc_starts == query_layout.doc_starts[:, :1]).all()
+    )
+
+
+def _shifted_recall(q: Tensor, k: Tensor, v: Tensor, visibility: Visibility) -> Tensor:
+    """One consecutive single-document run: causal SDPA of q[delay:] against k[:T-delay]."""
+    B, H, T, _ = q.shape
+    d, w = visibility.delay, visibility.window
+    out = q.new_zeros(B, H, T, v.shape[-1])
+    if d >= T or (w is not None and w <= d):  # every row empty
+        return out + 0 * (q.sum() + k.sum() + v.sum())  # keep the graph: zero, not missing, grads
+    L = T - d
+    qs, ks, vs = q[:, :, d:], k[:, :, :L], v[:, :, :L]
+    # Shifted row j (query t = j + d) sees shifted keys i in [j - W + 1, j], W = w - d: never empty.
+    if w is None or w - d >= L:
+        y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=1.0)
+    else:
+        y = _banded_causal(qs, ks, vs, w - d)
+    return torch.cat([out[:, :, :d], y], dim=2)
+
+
+def _banded_causal(q: Tensor, k: Tensor, v: Tensor, width: int, min_block: int = 64) -> Tensor:
+    """Row j attends to keys [j - width + 1, j]: O(L·width), not O(L²).
+
+    Queries go in blocks of Bq; block n needs keys [n·Bq - width + 1, n·Bq + Bq - 1], a window of
+    Kw = Bq + width - 1 keys cut from front-padded keys with unfold. The band is the same (Bq, Kw)
+    bool pattern in every block; in block 0 the padding keys are masked out as well.
+    """
+    B, H, L, D = q.shape
+    Dv = v.shape[-1]
+    Bq = max(width, min_block)
+    nb = -(-L // Bq)
+    Kw = Bq + width - 1
+    pad_end = nb * Bq - L
+    qb = F.pad(q, (0, 0, 0, pad_end)).reshape(B * H, nb, Bq, D)
+    kb = F.pad(k, (0, 0, width - 1, pad_end)).unfold(2, Kw, Bq).transpose(-1, -2).reshape(B * H, nb, Kw, D)
+    vb = F.pad(v, (0, 0, width - 1, pad_end)).unfold(2, Kw, Bq).transpose(-1, -2).reshape(B * H, nb, Kw, Dv)
+    a = torch.arange(Bq, device=q.device)[:, None]
+    c = torch.arange(Kw, device=q.device)[None, :]
+    band = (c >= a) & (c <= a + width - 1)
+    mask = band.expand(nb, Bq, Kw).clone()
+    mask[0] &= c >= width - 1
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=1.0)
+    return y.reshape(B, H, nb * Bq, Dv)[:, :, :L]
+
+
+def _masked_recall(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, return_lse: bool):
+    """Explicit-mask recall. mask (B,1,Tq,Tk). Empty rows: all keys allowed, output zeroed."""
+    nonempty = mask.any(dim=-1, keepdim=True)  # (B,1,Tq,1)
+    safe = mask | ~nonempty
+    if not return_lse:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=1.0)
+        return torch.where(nonempty, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    scores = scores.masked_fill(~safe, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # finite: every safe row has a key
+    y = torch.matmul(torch.exp(scores - lse), v.float())
+    y = torch.where(nonempty, y, torch.zeros((), dtype=y.dtype, device=y.device)).to(q.dtype)
+    lse = torch.where(nonempty, lse, torch.full((), float("-inf"), device=lse.device)).squeeze(-1)
+    return y, lse
 
 
 def associative_recall(
@@ -52,8 +144,46 @@ def associative_recall(
     Rows with nothing visible are exactly 0 (never NaN), gradients included.
     return_lse: also return the log-sum-exp of the visible scores, (B, H, Tq) fp32, -inf on
     empty rows, so partial results over key blocks can be merged (context parallelism).
+
+    Layouts must be given both or neither. Given layouts that describe one consecutive run of a
+    single document for both queries and keys also take the shifted fast path. return_lse uses an
+    explicit fp32 (Tq, Tk) score block (meant for context-parallel blocks); the output keeps the
+    queries' dtype.
     """
-    raise NotImplementedError
+    if queries.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
+        raise ValueError("associative_recall: queries, keys, values must be (B, H, T, D); got "
+                         f"{tuple(queries.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
+    B, H, Tq, D = queries.shape
+    Tk = keys.shape[2]
+    if keys.shape[:2] != (B, H) or keys.shape[3] != D or values.shape[:3] != keys.shape[:3]:
+        raise ValueError("associative_recall: shape mismatch: queries (B,H,Tq,D), keys (B,H,Tk,D), values "
+                         f"(B,H,Tk,Dv) expected, got {tuple(queries.shape)}, {tuple(keys.shape)}, "
+                         f"{tuple(values.shape)}")
+    if (query_layout is None) != (key_layout is None):
+        raise ValueError("associative_recall: give both query_layout and key_layout, or neither")
+    if query_layout is None:
+        if Tq != Tk:
+            raise ValueError(f"associative_recall: without layouts queries and keys are the same sequence, "
+                             f"got Tq={Tq} != Tk={Tk}")
+        plain = True
+    else:
+        if query_layout.positions.shape != (B, Tq) or key_layout.positions.shape != (B, Tk):
+            raise ValueError(
+                f"associative_recall: query_layout {tuple(query_layout.positions.shape)} / key_layout "
+                f"{tuple(key_layout.positions.shape)} do not match (B, Tq)={(B, Tq)} / (B, Tk)={(B, Tk)}"
+            )
+        plain = _is_plain_shift(query_layout, key_layout)
+
+    if not return_lse and plain:
+        return _shifted_recall(queries, keys, values, visibility)
+    if Tk == 0:
+        y = queries.new_zeros(B, H, Tq, values.shape[-1])
+        lse = torch.full((B, H, Tq), float("-inf"), device=queries.device)
+        return (y, lse) if return_lse else y
+    if query_layout is None:
+        query_layout = key_layout = SequenceLayout.contiguous(B, Tq, device=queries.device)
+    mask = visibility.mask(query_layout, key_layout)
+    return _masked_recall(queries, keys, values, mask, return_lse)
 
 
 def merge_partial_recalls(
@@ -62,5 +192,19 @@ def merge_partial_recalls(
     """Merge recalls over disjoint key blocks by the online-softmax rule (fp32).
 
     outputs[j]: (B, H, Tq, D), lses[j]: (B, H, Tq). Empty rows (all -inf) merge to exactly 0.
+    Returns (output in outputs[0]'s dtype, lse fp32); merging merged results is associative.
     """
-    raise NotImplementedError
+    if len(outputs) == 0 or len(outputs) != len(lses):
+        raise ValueError(f"merge_partial_recalls: need as many outputs as lses (>= 1), got {len(outputs)} "
+                         f"and {len(lses)}")
+    lse = torch.stack([l.float() for l in lses])  # (J,B,H,Tq)
+    # The result is invariant to the reference point, so it carries no gradient.
+    top = lse.amax(dim=0).detach()
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weights = torch.exp(lse - top)  # 0 for empty blocks
+    total = weights.sum(dim=0)
+    has_any = total > 0
+    total_safe = torch.where(has_any, total, torch.ones_like(total))
+    y = sum(w[..., None] * o.float() for w, o in zip(weights, outputs)) / total_safe[..., None]
+    merged_lse = torch.where(has_any, top + torch.log(total_safe), torch.full_like(total, float("-inf")))
+    return y.to(outputs[0].dtype), merged_lse

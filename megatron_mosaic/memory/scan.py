@@ -4,12 +4,21 @@ h_t = exp(log_decay_t) · h_{t-1} · [t is not a document start] + exp(log_gain_
 
 v1: log_decay = -λ_h (constant per head), log_gain = 0.
 v2: log_decay_t = -|W_λ x_t|, log_gain_t = W_g x_t (unbounded: computed in log space).
+
+Algorithm (chunked, log space). Split T into chunks of C. Inside a chunk,
+h_t = Σ_{s≤t, same segment} exp(g_s + A_t - A_s) x_s + exp(A_t) h_in   (A = in-chunk cumsum of
+log_decay, "same segment" = no reset in (s, t], the carry term only if no reset in [start, t]).
+Every row is stored as scaled · exp(max log weight), so the largest weight is exactly 1 and no
+exp overflows whatever the gains. The chunk-end states obey the same recurrence one level up
+(decay = the chunk's total decay, gain = the chunk-end log scale), so they are computed by the
+same function recursively: memory B·H·T·(C + D), no T×T matrix, depth log_C(T).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -25,7 +34,91 @@ class RecurrenceState:
 
     def materialize(self) -> Tensor:
         """value · exp(log_scale), (B, H, D); may overflow for extreme v2 gains (tests only)."""
-        raise NotImplementedError
+        return self.value * torch.exp(self.log_scale)
+
+
+def _log_combine(v1: Tensor, l1: Tensor, v2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """v1·e^l1 + v2·e^l2 as (v, l); l1 must be finite, l2 may be -inf."""
+    l = torch.maximum(l1, l2)
+    return v1 * torch.exp(l1 - l) + v2 * torch.exp(l2 - l), l
+
+
+def _scan_fp32(
+    x: Tensor, a: Tensor, g: Tensor, resets: Tensor | None, init: tuple[Tensor, Tensor] | None, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """fp32 core. x (B,H,T,D), a/g (B,H,T,1), resets (B,T) or None, init ((B,H,D), (B,H,1)) or None.
+
+    Returns (scaled (B,H,T,D), log_scale (B,H,T,1)).
+    """
+    B, H, T, D = x.shape
+    C = min(chunk, T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
+        g = torch.nn.functional.pad(g, (0, 0, 0, pad))
+        if resets is not None:
+            resets = torch.nn.functional.pad(resets, (0, pad))
+    x = x.view(B, H, N, C, D)
+    g = g.view(B, H, N, C, 1)
+    if resets is not None:
+        r = resets.view(B, 1, N, C, 1)
+        # The decay at a reset multiplies a dropped state: zero it so cumsums stay finite.
+        a = a.view(B, H, N, C, 1).masked_fill(r, 0.0)
+        seg = r.to(torch.int32).cumsum(dim=3)  # (B,1,N,C,1): number of resets in [chunk start, t]
+    else:
+        a = a.view(B, H, N, C, 1)
+        seg = None
+    A = a.cumsum(dim=3)  # (B,H,N,C,1)
+
+    # Intra-chunk weights log w[t, s] = g_s + Σ_{s<u≤t} a_u, s ≤ t, same segment. The segment sum
+    # is summed directly (not A_t - A_s): no cancellation error when |A| is large (upper levels).
+    strict = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1)  # [u, s]: u > s
+    seg_sum = torch.where(strict, a, torch.zeros((), dtype=a.dtype, device=a.device)).cumsum(dim=-2)
+    logw = seg_sum + g.transpose(-1, -2)  # (B,H,N,C,C)
+    visible = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
+    if seg is not None:
+        visible = visible & (seg == seg.transpose(-1, -2))
+    logw = logw.masked_fill(~visible, float("-inf"))
+    m = logw.amax(dim=-1, keepdim=True)  # finite: the diagonal g_t is always visible
+    scaled = torch.matmul(torch.exp(logw - m), x)  # (B,H,N,C,D)
+
+    # State entering each chunk: init for chunk 0, the previous chunk's end state after that.
+    if N > 1:
+        chunk_resets = None if seg is None else (seg[:, 0, :, -1, 0] > 0)  # (B,N)
+        end_v, end_l = _scan_fp32(  # chunk >= 2 at the upper levels so the recursion shrinks
+            scaled[:, :, :, -1], A[:, :, :, -1], m[:, :, :, -1], chunk_resets, init, max(chunk, 2)
+        )
+        in_v, in_l = end_v[:, :, :-1], end_l[:, :, :-1]  # (B,H,N-1,·)
+        if init is None:
+            in_v = torch.cat([torch.zeros_like(in_v[:, :, :1]), in_v], dim=2)
+            in_l = torch.cat([torch.full_like(in_l[:, :, :1], float("-inf")), in_l], dim=2)
+        else:
+            in_v = torch.cat([init[0].unsqueeze(2), in_v], dim=2)
+            in_l = torch.cat([init[1].unsqueeze(2), in_l], dim=2)
+    elif init is not None:
+        in_v, in_l = init[0].unsqueeze(2), init[1].unsqueeze(2)  # (B,H,1,·)
+    else:
+        in_v = None
+    if in_v is not None:
+        carry_l = A + in_l.unsqueeze(3)  # (B,H,N,C,1)
+        if seg is not None:
+            carry_l = carry_l.masked_fill(seg > 0, float("-inf"))
+        scaled, m = _log_combine(scaled, m, in_v.unsqueeze(3), carry_l)
+    scaled = scaled.reshape(B, H, N * C, D)[:, :, :T]
+    m = m.reshape(B, H, N * C, 1)[:, :, :T]
+    return scaled, m
+
+
+def _expand_gate(name: str, gate: Tensor | None, B: int, H: int, T: int) -> Tensor | None:
+    if gate is None:
+        return None
+    try:
+        return gate.to(torch.float32).expand(B, H, T, 1)
+    except RuntimeError as e:
+        raise ValueError(f"linear_recurrence: {name} of shape {tuple(gate.shape)} is not broadcastable "
+                         f"to (B, H, T, 1) = {(B, H, T, 1)}") from e
 
 
 def linear_recurrence(
@@ -46,5 +139,31 @@ def linear_recurrence(
     Returns (scaled, log_scale, final_state) with h_t = scaled_t · exp(log_scale_t):
     scaled (B, H, T, D) in the inputs' dtype, log_scale (B, H, T, 1) fp32, final_state = h_{T-1}.
     Memory O(B·H·T·D) (chunked: no T×T matrix); computed in fp32.
+
+    The final state is fp32 (it is carried across chunks/ranks). log_scale_t is the largest log
+    weight of row t, so max_s |weight| = 1 and ‖scaled_t‖ ≤ Σ_s ‖x_s‖: never inf for finite input.
     """
-    raise NotImplementedError
+    if inputs.dim() != 4:
+        raise ValueError(f"linear_recurrence: inputs must be (B, H, T, D), got shape {tuple(inputs.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"linear_recurrence: chunk_size must be >= 1, got {chunk_size}")
+    B, H, T, D = inputs.shape
+    if resets is not None and resets.shape != (B, T):
+        raise ValueError(f"linear_recurrence: resets must be (B, T) = {(B, T)}, got {tuple(resets.shape)}")
+    a = _expand_gate("log_decay", log_decay, B, H, T)
+    g = _expand_gate("log_gain", log_gain, B, H, T)
+    if g is None:
+        g = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=inputs.device).expand(B, H, T, 1)
+    init = None
+    if initial_state is not None:
+        if initial_state.value.shape != (B, H, D) or initial_state.log_scale.shape != (B, H, 1):
+            raise ValueError(
+                f"linear_recurrence: initial_state must be value (B, H, D) = {(B, H, D)} and log_scale "
+                f"(B, H, 1), got {tuple(initial_state.value.shape)} and {tuple(initial_state.log_scale.shape)}"
+            )
+        init = (initial_state.value.to(torch.float32), initial_state.log_scale.to(torch.float32))
+    if resets is not None:
+        resets = resets.to(torch.bool)
+    scaled, log_scale = _scan_fp32(inputs.to(torch.float32), a, g, resets, init, chunk_size)
+    final = RecurrenceState(scaled[:, :, -1], log_scale[:, :, -1])
+    return scaled.to(inputs.dtype), log_scale, final

@@ -1,0 +1,55 @@
+"""SequenceLayout against the loop reference and its documented helpers."""
+
+import pytest
+import torch
+
+from megatron_mosaic.memory import SequenceLayout
+from megatron_mosaic.memory import reference as ref
+from tests.memory.helpers import EOD, random_tokens
+
+
+@pytest.mark.parametrize("seq_len,eod_prob", [(1, 0.5), (7, 0.3), (33, 0.1), (40, 0.0), (20, 0.9)])
+def test_from_tokens_matches_reference(seq_len, eod_prob):
+    gen = torch.Generator().manual_seed(seq_len)
+    tokens = random_tokens(3, seq_len, eod_prob, gen)
+    layout = SequenceLayout.from_tokens(tokens, EOD)
+    positions, doc_starts = ref.layout_from_tokens(tokens, EOD)
+    assert torch.equal(layout.positions, positions)
+    assert torch.equal(layout.doc_starts, doc_starts)
+    assert layout.total_length == seq_len
+    assert torch.equal(layout.resets, positions == doc_starts)
+    assert layout.single_document == bool((doc_starts == 0).all())
+
+
+def test_eod_belongs_to_the_document_it_ends():
+    tokens = torch.tensor([[5, EOD, 6, 7, EOD, EOD, 8]])
+    layout = SequenceLayout.from_tokens(tokens, EOD)
+    assert layout.doc_starts.tolist() == [[0, 0, 2, 2, 2, 5, 6]]
+    assert layout.resets.tolist() == [[True, False, True, False, False, True, True]]
+    assert not layout.single_document
+    # A trailing EOD does not start anything inside the sequence.
+    assert SequenceLayout.from_tokens(torch.tensor([[5, 6, EOD]]), EOD).single_document
+
+
+def test_contiguous_and_index_select():
+    layout = SequenceLayout.contiguous(2, 6)
+    assert layout.positions.tolist() == [list(range(6))] * 2
+    assert layout.single_document and layout.resets[:, 0].all() and not layout.resets[:, 1:].any()
+    part = SequenceLayout.from_tokens(torch.tensor([[1, 2, EOD, 3, 4, 5]]), EOD).index_select(torch.tensor([4, 5, 0]))
+    assert part.positions.tolist() == [[4, 5, 0]]
+    assert part.doc_starts.tolist() == [[3, 3, 0]]
+    assert part.total_length == 6
+    # A chunk inside a later document is not "single document" (its doc does not start at 0).
+    assert not part.index_select(torch.tensor([0, 1])).single_document
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="doc_starts"):
+        SequenceLayout(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64), 4)
+    with pytest.raises(TypeError, match="positions"):
+        SequenceLayout(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match="total_length"):
+        SequenceLayout.contiguous(1, 3).__class__(torch.zeros(1, 3, dtype=torch.int64),
+                                                  torch.zeros(1, 3, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="tokens"):
+        SequenceLayout.from_tokens(torch.zeros(3, dtype=torch.int64), EOD)
