@@ -1,0 +1,79 @@
+"""A device-agnostic core attention for Megatron's SelfAttention, on torch SDPA.
+
+Megatron's local DotProductAttention allocates its score buffer on the CUDA device
+(platform facts), so the GPT baseline uses this module instead. Same constructor and forward
+contract as DotProductAttention: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np·hn].
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+from torch import Tensor
+
+from ..memory import SequenceLayout
+from ..parallel.dispatch import causal_attention, context_parallel_size
+
+
+class SDPACoreAttention(MegatronModule):
+    """softmax(q kᵀ · scale + mask) v with ``F.scaled_dot_product_attention``.
+
+    attention_mask, one of
+    - None: plain causal attention over the whole local sequence (context parallel size 1);
+    - a SequenceLayout: causal and document-masked by global positions, through the memory
+      retrieval (``parallel.dispatch.causal_attention``: the ring under context parallelism);
+    - a bool tensor broadcastable to [b, 1, sq, sk], Megatron's convention (True = masked out).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.tp_group = pg_collection.tp
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.hidden_size_per_partition = divide(config.kv_channels * config.num_attention_heads, self.tp_group.size())
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.current_max_attn_logits = None  # read by Megatron's optional qk-clip code
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None) -> Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: packed sequences / attention_bias are not supported")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, hn)
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(attention_mask, SequenceLayout):
+            if dropout_p > 0:
+                raise NotImplementedError("SDPACoreAttention: attention dropout with a SequenceLayout mask")
+            out = causal_attention(q, k, v, self.softmax_scale, attention_mask)
+            return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+        if attention_mask is None and context_parallel_size() > 1:
+            raise ValueError("SDPACoreAttention: context parallelism needs the SequenceLayout as attention_mask")
+        # Dropout inside a TP region needs the model-parallel RNG stream (as DotProductAttention).
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 else nullcontext()
+        with rng:
+            if attention_mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.softmax_scale)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=~attention_mask.bool(), dropout_p=dropout_p, scale=self.softmax_scale
+                )
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)

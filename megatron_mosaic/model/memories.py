@@ -1,0 +1,132 @@
+"""The memory units of a Mosaic block, heads split across tensor-parallel ranks.
+
+v1: ContextualMemory (pairs i < t) and PersistentMemory (trained slots, replaces the FFN).
+v2: AssociativeMemory (one short- or long-term memory, no projection) and LongShortMemory
+    (both, with one output projection over their concatenated heads).
+Inputs are [s, b, d]; outputs [s, b, d] after the RowParallelLinear (all-reduce over TP).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..memory import SequenceLayout, Visibility, adaptive_bandwidth
+from ..parallel.dispatch import associative_recall  # CP ring when CP > 1
+from .config import MosaicConfig
+from .context import MemoryContext
+from .extractors import (
+    GatedKeyExtractor, LeakyKeyExtractor, MemoryLinears, ValueExtractor, row_linear,
+)
+from .module import MosaicModule, merge_heads
+
+
+def recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibility, layout: SequenceLayout) -> Tensor:
+    """associative_recall over one sequence; the unmasked fast path when the layout is one
+    whole document held entirely by this rank (never under context parallelism)."""
+    whole = layout.single_document and layout.total_length == layout.seq_len
+    if whole:
+        return associative_recall(queries, keys, values, visibility)
+    return associative_recall(queries, keys, values, visibility, layout, layout)
+
+
+class ContextualMemory(MosaicModule):
+    """v1 contextual memory: y_t = Σ_{i<t} softmax_i(k_t·k_i) v_i, then W_o (official ContextMem)."""
+
+    def __init__(self, config: MosaicConfig, submodules: MemoryLinears, init_method: Callable,
+                 output_init_method: Callable, tp_group=None):
+        super().__init__(config, tp_group)
+        d = config.hidden_size
+        self.key_extractor = LeakyKeyExtractor(config, submodules, init_method, scale_pow=1, tp_group=self.tp_group)
+        self.value_extractor = ValueExtractor(config, submodules, init_method, tp_group=self.tp_group)
+        self.linear_proj = row_linear(submodules, config, d, d, output_init_method, config.add_bias_linear, self.tp_group)
+
+    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
+        keys = self.key_extractor(x, context.layout)
+        values = self.value_extractor(x, context.layout)
+        y = recall(keys, keys, values, Visibility(delay=1), context.layout)
+        return self.linear_proj(merge_heads(y))[0]
+
+
+class PersistentMemory(MosaicModule):
+    """v1 persistent memory: y = softmax(k·M_kᵀ) M_v · exp(10ν'), then W_o (official PersistentMem
+    with one slot bank). memory_keys / memory_values: (H_local, P, hs), init N(0, 1/√hs)."""
+
+    def __init__(self, config: MosaicConfig, submodules: MemoryLinears, init_method: Callable,
+                 output_init_method: Callable, tp_group=None):
+        super().__init__(config, tp_group)
+        d, heads, hs = config.hidden_size, config.num_attention_heads, config.head_dim
+        slots = config.persistent_memory_size
+        self.key_extractor = LeakyKeyExtractor(config, submodules, init_method, scale_pow=2, tp_group=self.tp_group)
+        self.memory_keys = self.per_head_parameter(torch.randn(heads, slots, hs) / hs**0.5)
+        self.memory_values = self.per_head_parameter(torch.randn(heads, slots, hs) / hs**0.5)
+        self.output_scale = self.per_head_parameter(torch.full((heads,), -0.05))
+        self.linear_proj = row_linear(submodules, config, d, d, output_init_method, config.add_bias_linear, self.tp_group)
+
+    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
+        keys = self.key_extractor(x, context.layout)  # (b, H_local, s, hs)
+        b = keys.shape[0]
+        slot_keys = self.memory_keys.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        slot_values = self.memory_values.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        y = F.scaled_dot_product_attention(keys, slot_keys, slot_values, scale=1.0)
+        y = y * (10.0 * self.output_scale.float()).exp().view(1, -1, 1, 1).to(y.dtype)
+        return self.linear_proj(merge_heads(y))[0]
+
+
+class AssociativeMemory(MosaicModule):
+    """One v2 memory (short- or long-term): gated keys, peeking values, adaptive bandwidth
+    β_t = β₁·n_t^α + β₀ on the query copy. Returns head outputs (b, H_local, s, hs)."""
+
+    def __init__(self, config: MosaicConfig, submodules: MemoryLinears, init_method: Callable, kind: str, tp_group=None):
+        super().__init__(config, tp_group)
+        if kind not in ("short", "long"):
+            raise ValueError(f"AssociativeMemory kind must be 'short' or 'long', got {kind!r}")
+        heads = config.num_attention_heads
+        self.kind = kind
+        self.key_extractor = GatedKeyExtractor(config, submodules, init_method, tp_group=self.tp_group)
+        self.value_extractor = ValueExtractor(config, submodules, init_method, tp_group=self.tp_group)
+        self.bandwidth_theta0 = self.per_head_parameter(torch.full((heads,), config.bandwidth_theta_init))
+        self.bandwidth_theta1 = self.per_head_parameter(torch.full((heads,), config.bandwidth_theta_init))
+        self.bandwidth_theta_alpha = self.per_head_parameter(torch.full((heads,), config.bandwidth_alpha_init))
+
+    def visibility(self, context: MemoryContext) -> Visibility:
+        if self.kind == "short":
+            return Visibility(delay=1, window=self.config.short_term_window)
+        return Visibility(delay=int(context.long_term_delay))
+
+    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
+        visibility = self.visibility(context)
+        keys = self.key_extractor(x, context.layout)
+        values = self.value_extractor(x, context.layout)
+        counts = visibility.visible_counts(context.layout)
+        beta = adaptive_bandwidth(
+            self.bandwidth_theta0.float(), self.bandwidth_theta1.float(), self.bandwidth_theta_alpha.float(), counts
+        )
+        queries = (keys.float() * beta).to(keys.dtype)
+        return recall(queries, keys, values, visibility, context.layout)
+
+
+class LongShortMemory(MosaicModule):
+    """v2 short- and long-term memories with one output projection W_o (2d -> d).
+
+    The projection input is ordered per head, [short_h ; long_h] for h = 0..H-1, so the
+    contiguous RowParallelLinear split of its input gives each TP rank exactly its heads.
+    """
+
+    def __init__(self, config: MosaicConfig, submodules: MemoryLinears, init_method: Callable,
+                 output_init_method: Optional[Callable] = None, tp_group=None):
+        super().__init__(config, tp_group)
+        d = config.hidden_size
+        self.short_term = AssociativeMemory(config, submodules, init_method, "short", tp_group=self.tp_group)
+        self.long_term = AssociativeMemory(config, submodules, init_method, "long", tp_group=self.tp_group)
+        self.linear_proj = row_linear(submodules, config, 2 * d, d, output_init_method or init_method, False, self.tp_group)
+
+    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
+        short = self.short_term(x, context)  # (b, H_local, s, hs)
+        long = self.long_term(x, context)
+        b, h, s, hs = short.shape
+        both = torch.stack((short, long), dim=3).reshape(b, h, s, 2 * hs)
+        return self.linear_proj(merge_heads(both))[0]
