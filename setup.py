@@ -19,6 +19,8 @@ setup(
         "psutil",
         "numpy",
         "sentencepiece",
+        # GPT2BPETokenizer (byte-level BPE from vocab.json + merges.txt) in tools/preprocess_data.py.
+        "tokenizers",
         "nltk",
         "tqdm",
         "tensorboard",
