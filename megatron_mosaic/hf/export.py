@@ -1,0 +1,267 @@
+"""Megatron checkpoint -> Hugging Face model directory (issue 6, part 1).
+
+The output is written to a temporary sibling directory and renamed into place only when every
+file is complete, so a failed conversion never leaves something that looks like a model.
+
+Memory Mosaics export as ``MemoryMosaicForCausalLM`` with remote code: the configuration,
+modeling and cache files of this package plus the torch-only memory math
+(megatron_mosaic/memory/*.py, copied flat next to the modeling file, which imports them
+relatively). ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` then needs
+only torch and transformers. The GPT baseline exports as a standard ``LlamaForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from .conversion import (
+    GPT_MODEL,
+    MOSAIC_MODELS,
+    ConversionError,
+    check_tensors,
+    gpt_to_llama,
+    hf_config_from_args,
+    model_kind,
+    mosaic_to_hf,
+)
+from .megatron_checkpoint import read_megatron_checkpoint
+
+HF_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+MEMORY_PACKAGE_DIR = os.path.join(os.path.dirname(HF_PACKAGE_DIR), "memory")
+MODEL_CODE_FILES = ("configuration_memory_mosaic.py", "modeling_memory_mosaic.py", "cache_memory_mosaic.py")
+# The memory files the modeling file imports (flat, relatively); each may import only torch,
+# the standard library and its siblings.
+MEMORY_CODE_FILES = ("bandwidth.py", "layout.py", "retrieval.py", "scan.py", "values.py")
+TOKENIZER_CODE_FILE = "tokenization_memory_mosaic.py"
+ARGS_FILE = "megatron_args.json"
+AUTO_MAP = {
+    "AutoConfig": "configuration_memory_mosaic.MemoryMosaicConfig",
+    "AutoModel": "modeling_memory_mosaic.MemoryMosaicModel",
+    "AutoModelForCausalLM": "modeling_memory_mosaic.MemoryMosaicForCausalLM",
+}
+_ALLOWED_ABSOLUTE_IMPORTS = {"torch", "transformers", "sentencepiece", "__future__", "dataclasses", "typing",
+                             "math", "os", "shutil", "collections", "functools"}
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory next to ``output_dir``; rename it to ``output_dir`` on success.
+
+    Refuses a non-empty ``output_dir`` unless ``overwrite``. On any exception the temporary
+    directory is removed and ``output_dir`` is left as it was.
+    """
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise FileExistsError(f"--output {output_dir}: exists and is not a directory")
+        if os.listdir(output_dir) and not overwrite:
+            raise FileExistsError(f"--output {output_dir}: exists and is not empty (pass --overwrite to replace it)")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not os.path.exists(output_dir):
+        os.replace(staging, output_dir)
+        return
+    # Replacing: move the old directory aside first, so no moment exists without a whole one.
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
+    os.replace(output_dir, os.path.join(old, "previous"))
+    os.replace(staging, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_portable(path: str) -> None:
+    """A file shipped as remote code may import only the allowed packages and its siblings."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            continue  # guarded fallbacks (transformers' loader skips them as well)
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        elif isinstance(node, ast.ImportFrom) and f"{node.module}.py" not in MEMORY_CODE_FILES:
+            raise ConversionError(f"{path}: imports .{node.module}, which is not among the files copied "
+                                  f"into an exported model directory ({', '.join(MEMORY_CODE_FILES)})")
+        for name in names:
+            if name.split(".")[0] not in _ALLOWED_ABSOLUTE_IMPORTS:
+                raise ConversionError(f"{path}: imports {name!r}, which an exported model directory cannot provide")
+
+
+def copy_model_code(target_dir: str) -> None:
+    """Configuration, modeling, cache and memory-math files into ``target_dir`` (flat)."""
+    sources = [os.path.join(HF_PACKAGE_DIR, f) for f in MODEL_CODE_FILES]
+    sources += [os.path.join(MEMORY_PACKAGE_DIR, f) for f in MEMORY_CODE_FILES]
+    for source in sources:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{source}: missing from the megatron_mosaic package")
+        if os.path.dirname(source) == MEMORY_PACKAGE_DIR:
+            _check_portable(source)
+        shutil.copyfile(source, os.path.join(target_dir, os.path.basename(source)))
+
+
+def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    if dtype is None:
+        return dict(tensors)
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+
+
+def build_hf_model(config, state: Mapping[str, Tensor], model_cls, source: str):
+    """Instantiate ``model_cls(config)`` without allocating, check ``state`` against it in full,
+    and assign the tensors (tied parameters are re-tied, not stored twice)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    expected = {name: p.shape for name, p in model.state_dict().items() if name not in tied}
+    check_tensors(expected, state, source, f"{model_cls.__name__} built from the checkpoint's arguments")
+    model.load_state_dict(dict(state), strict=False, assign=True)
+    model.tie_weights()
+    leftover = [name for name, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise ConversionError(f"parameters left unfilled after loading: {leftover}")
+    return model.eval()
+
+
+def generation_config_for(eod: int | None):
+    """Stop at the end of the document. No pad id: EOD also occurs inside packed prompts, and a
+    pad id equal to a prompt token would make generate() mask that token out."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=eod, bos_token_id=None, do_sample=False, max_new_tokens=64)
+
+
+def build_hf_tokenizer(args: Mapping[str, Any], tokenizer_model: str | None = None):
+    """The training tokenizer of a checkpoint as a transformers tokenizer, or None if it has none.
+
+    ``tokenizer_model`` overrides the path stored in the checkpoint (e.g. after moving files).
+    SentencePiece -> MemoryMosaicTokenizer (exact ids, shipped as remote code); GPT-2 BPE ->
+    PreTrainedTokenizerFast over the same ``tokenizers`` pipeline; HF directory -> itself.
+    """
+    kind = args.get("tokenizer_type")
+    if not kind:
+        return None
+    model_path = tokenizer_model or args.get("tokenizer_model")
+    if kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        if not model_path or not os.path.isfile(model_path):
+            raise FileNotFoundError(
+                f"tokenizer model {model_path!r} named by the checkpoint does not exist "
+                "(pass --tokenizer-model PATH, or --no-tokenizer to go without one)"
+            )
+        from .tokenization_memory_mosaic import MemoryMosaicTokenizer
+
+        return MemoryMosaicTokenizer(model_path)
+    if kind == "GPT2BPETokenizer":
+        from transformers import PreTrainedTokenizerFast
+
+        from megatron_mosaic.data.tokenizers import GPT2BPETokenizer, TokenizerSpec
+
+        spec = TokenizerSpec(kind, None, args.get("vocab_file"), args.get("merge_file"))
+        backend = GPT2BPETokenizer(spec)._backend
+        # A literal <|endoftext|> in text is ordinary bytes to training's tokenizer: only the data
+        # pipeline inserts EOD ids (split_special_tokens keeps the two in agreement).
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=GPT2BPETokenizer.EOD_TOKEN,
+                                       clean_up_tokenization_spaces=False, split_special_tokens=True)
+    if kind == "HuggingFaceTokenizer":
+        from transformers import AutoTokenizer
+
+        if not model_path or not os.path.isdir(model_path):
+            raise FileNotFoundError(f"tokenizer directory {model_path!r} named by the checkpoint does not exist "
+                                    "(pass --tokenizer-model DIR, or --no-tokenizer)")
+        return AutoTokenizer.from_pretrained(model_path)
+    raise ConversionError(f"checkpoint args.tokenizer_type {kind!r} has no Hugging Face equivalent")
+
+
+def save_hf_tokenizer(tokenizer, target_dir: str) -> None:
+    """save_pretrained, plus the remote-code file and auto_map for the SentencePiece wrapper."""
+    tokenizer.save_pretrained(target_dir)
+    if type(tokenizer).__name__ != "MemoryMosaicTokenizer":
+        return
+    shutil.copyfile(os.path.join(HF_PACKAGE_DIR, TOKENIZER_CODE_FILE), os.path.join(target_dir, TOKENIZER_CODE_FILE))
+    config_path = os.path.join(target_dir, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        tok_config = json.load(f)
+    tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_memory_mosaic.MemoryMosaicTokenizer", None]}
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(tok_config, f, indent=2)
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def hf_model_from_checkpoint(load_dir: str, dtype: torch.dtype | None = None):
+    """(HF model in memory, MegatronCheckpoint) for the latest checkpoint of ``load_dir``."""
+    checkpoint = read_megatron_checkpoint(load_dir)
+    args = checkpoint.args
+    kind = model_kind(args)
+    config = hf_config_from_args(args)
+    if kind == GPT_MODEL:
+        from transformers import LlamaForCausalLM
+
+        state = gpt_to_llama(checkpoint.tensors, config.num_attention_heads, config.num_key_value_heads)
+        model_cls = LlamaForCausalLM
+    else:
+        from .modeling_memory_mosaic import MemoryMosaicForCausalLM
+
+        state = mosaic_to_hf(checkpoint.tensors, MOSAIC_MODELS[kind])
+        model_cls = MemoryMosaicForCausalLM
+        config.auto_map = dict(AUTO_MAP)
+    model = build_hf_model(config, _cast(state, dtype), model_cls, f"checkpoint {checkpoint.path}")
+    model.generation_config = generation_config_for(args.get("eod_token_id"))
+    return model, checkpoint
+
+
+def export_to_hf(
+    load_dir: str,
+    output_dir: str,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    tokenizer: bool = True,
+    tokenizer_model: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Convert the latest checkpoint in ``load_dir`` into an HF directory at ``output_dir``.
+
+    Returns a summary: model kind, iteration, parameter count, tokenizer kind, files written.
+    """
+    model, checkpoint = hf_model_from_checkpoint(load_dir, dtype)
+    args = checkpoint.args
+    kind = model_kind(args)
+    hf_tokenizer = build_hf_tokenizer(args, tokenizer_model) if tokenizer else None
+    with staged_directory(output_dir, overwrite) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if kind != GPT_MODEL:
+            copy_model_code(staging)
+        if hf_tokenizer is not None:
+            save_hf_tokenizer(hf_tokenizer, staging)
+        with open(os.path.join(staging, ARGS_FILE), "w", encoding="utf-8") as f:
+            json.dump({"iteration": checkpoint.iteration, "consumed_samples": checkpoint.consumed_samples,
+                       "args": {k: _json_safe(v) for k, v in args.items()}}, f, indent=2, sort_keys=True)
+        files = sorted(os.listdir(staging))
+    return {
+        "model": kind,
+        "iteration": checkpoint.iteration,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer": args.get("tokenizer_type") if hf_tokenizer is not None else None,
+        "files": files,
+        "output": os.path.abspath(output_dir),
+    }
