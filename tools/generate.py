@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from megatron_mosaic.hf.conversion import ConversionError  # noqa: E402
 from megatron_mosaic.hf.generation import generate_continuations, load_for_generation  # noqa: E402
 from megatron_mosaic.hf.megatron_checkpoint import CheckpointError  # noqa: E402
+from tools._cli import cli_error  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,14 +46,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         prompts = list(args.prompt) + [[int(t) for t in p.split()] for p in args.prompt_ids]
     except ValueError:
-        print("generate: error: --prompt-ids takes space-separated integers", file=sys.stderr)
-        return 1
+        return cli_error("generate", "--prompt-ids takes space-separated integers")
     if not prompts:
-        print("generate: error: give at least one --prompt or --prompt-ids", file=sys.stderr)
-        return 1
+        return cli_error("generate", "give at least one --prompt or --prompt-ids")
     if args.temperature < 0 or args.top_k < 0 or args.max_new_tokens < 1:
-        print("generate: error: need --temperature >= 0, --top-k >= 0 and --max-new-tokens >= 1", file=sys.stderr)
-        return 1
+        return cli_error("generate", "need --temperature >= 0, --top-k >= 0 and --max-new-tokens >= 1")
     try:
         model, tokenizer = load_for_generation(args.load, tokenizer_model=args.tokenizer_model)
         results = generate_continuations(
@@ -60,8 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             top_k=args.top_k, seed=args.seed, use_cache=not args.no_cache,
         )
     except (CheckpointError, ConversionError, FileNotFoundError, ValueError) as err:
-        print(f"generate: error: {err}", file=sys.stderr)
-        return 1
+        return cli_error("generate", err)
     for prompt, result in zip(prompts, results):
         shown = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
         body = result.text if result.text is not None else " ".join(map(str, result.new_ids))

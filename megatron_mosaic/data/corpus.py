@@ -7,10 +7,15 @@ line. Input formats:
 - ``.jsonl`` / ``.json``: one JSON object per line; the text is under ``--json-keys``.
 - ``.txt``: either one document per file (``txt_mode="file"``) or one document per block of
   non-blank lines (``txt_mode="blank-lines"``; blocks are separated by blank lines).
+
+Also shared by the data tools: the flags that choose how a corpus is read (``add_corpus_args``)
+and how output files are written (under a temporary name, renamed into place when complete).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import glob
 import json
 import os
@@ -20,6 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
 TXT_MODES = ("file", "blank-lines")
+INPUT_FORMATS = ("auto", "jsonl", "txt")
 
 # Kinds of bad document; each can be skipped (counted) instead of failing the run.
 MALFORMED_JSON = "malformed JSON"
@@ -111,6 +117,33 @@ def expand_inputs(patterns: Union[str, Sequence[str]]) -> list[str]:
             if path not in paths:
                 paths.append(path)
     return paths
+
+
+def add_corpus_args(parser: argparse.ArgumentParser, json_keys_help: str) -> "argparse._ArgumentGroup":
+    """The flags that say how a corpus is read (``--input``, ``--input-format``, ``--txt-mode``,
+    ``--json-keys``, ``--skip-bad-lines``), in a new "input data" group, which is returned.
+
+    Shared by tools/preprocess_data.py and tools/train_tokenizer.py so that a tokenizer is
+    trained on exactly the documents the preprocessing tool tokenizes. ``json_keys_help`` says
+    what the tool does with each key.
+    """
+    group = parser.add_argument_group(title="input data")
+    group.add_argument("--input", type=str, nargs="+", required=True,
+                       help="Input file(s) or glob(s), read in sorted order. JSON lines "
+                            "(.jsonl/.json): one JSON object per line, text under --json-keys (a "
+                            "list of strings is taken as a document already split into sentences). "
+                            "Plain text (.txt): one document per file, or with --txt-mode "
+                            "blank-lines one document per block of lines separated by blank lines.")
+    group.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
+                       help="Input format; auto decides by file suffix.")
+    group.add_argument("--txt-mode", choices=TXT_MODES, default="file",
+                       help="For .txt input: a document per file, or per blank-line-separated block.")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help=json_keys_help)
+    group.add_argument("--skip-bad-lines", action="store_true",
+                       help="Skip (and count, with a summary at the end) documents that are malformed "
+                            "JSON, lack a key, are empty, or are not UTF-8, instead of stopping at the "
+                            "first one with an error naming its file and line.")
+    return group
 
 
 def is_json_input(path: str, input_format: str = "auto") -> bool:
@@ -229,6 +262,21 @@ def iter_texts(
         for key in json_keys:
             value = values[key]
             yield value if isinstance(value, str) else "".join(value)
+
+
+def incomplete_path(path: str) -> str:
+    """Where ``path`` is written until it is complete; renaming it into place means a reader never
+    sees a partial file and an interrupted run leaves only ``*.incomplete-PID`` behind."""
+    return f"{path}.incomplete-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def replaced_when_written(path: str) -> Iterator[str]:
+    """Yield :func:`incomplete_path` of ``path`` to write to; rename it to ``path`` once the block
+    completes (on an exception ``path`` is left as it was)."""
+    tmp = incomplete_path(path)
+    yield tmp
+    os.replace(tmp, path)
 
 
 def write_jsonl(path: str, texts: Iterable[str], key: str = "text") -> int:

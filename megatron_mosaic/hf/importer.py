@@ -145,6 +145,7 @@ def import_from_hf(hf_dir: str, save_dir: str, *, iteration: int | None = None, 
     every architecture field taken from ``config.json``; ``iteration`` (and the consumed-sample
     count, so the data order resumes) default to the exported run's (0 for a foreign model).
     """
+    from megatron_mosaic.model.official_v1 import load_mapped_state_dict, loadable_tensors
     from megatron_mosaic.training.arguments import args_to_dict, args_from_dict
     from megatron_mosaic.training.checkpointing import save_checkpoint
     from megatron_mosaic.training.model_builder import build_model
@@ -163,12 +164,12 @@ def import_from_hf(hf_dir: str, save_dir: str, *, iteration: int | None = None, 
         if len(chunks) != 1:
             raise ConversionError("convert_from_hf builds one model chunk (no virtual pipeline)")
         model = chunks[0]
-        own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-        check_tensors({k: v.shape for k, v in own.items()}, tensors, f"{hf_dir} (config.json + weights)",
+        # Mismatches are reported in Hugging Face terms first; the shared strict loader then
+        # copies (cast to the model's dtypes) and proves every parameter holds its tensor.
+        expected = {k: v.shape for k, v in loadable_tensors(model).items()}
+        check_tensors(expected, tensors, f"{hf_dir} (config.json + weights)",
                       f"the Megatron {args['model']} model its config.json describes")
-        state = dict(model.state_dict())
-        state.update({k: t.to(own[k].dtype) for k, t in tensors.items()})
-        model.load_state_dict(state, strict=True)
+        load_mapped_state_dict(model, tensors, source=hf_dir, error=ConversionError)
         with staged_directory(save_dir, overwrite) as staging:
             save_checkpoint(staging, iteration, chunks, args=args, consumed_samples=consumed_samples)
     return {"model": args["model"], "iteration": iteration, "output": os.path.abspath(save_dir),

@@ -273,6 +273,12 @@ def _check_buffers(sd: Mapping[str, Tensor], shape: OfficialV1Shape, source: str
     return seen
 
 
+def _listed_problems(*named_lists: tuple[str, list[str]]) -> list[str]:
+    """``"label: [first 8 names] ..."`` for each non-empty list: one readable error line however
+    many keys are wrong."""
+    return [f"{label}: {names[:8]}{' ...' if len(names) > 8 else ''}" for label, names in named_lists if names]
+
+
 def map_official_state_dict(
     sd: Mapping[str, Tensor], shape: OfficialV1Shape, source: str = "state dict"
 ) -> dict[str, Tensor]:
@@ -289,13 +295,9 @@ def map_official_state_dict(
     ]
     if "lm_head.weight" not in sd:
         missing.append("lm_head.weight")
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if misshapen:
-        problems.append(f"shape mismatches: {misshapen[:8]}{' ...' if len(misshapen) > 8 else ''}")
+    problems = _listed_problems(
+        ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshapen)
+    )
     if problems:
         arch = (
             f"{shape.n_layer} layers, {shape.n_head} heads, n_embd {shape.n_embd}, vocab {shape.vocab_size}, "
@@ -316,27 +318,39 @@ def map_official_state_dict(
 # Loading into our model
 
 
-def load_mapped_state_dict(model: torch.nn.Module, mapped: Mapping[str, Tensor], source: str = "state dict") -> None:
+def loadable_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` without Megatron's ``_extra_state`` entries (Transformer Engine
+    metadata, not weights): the tensors a complete mapped state dict must provide."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_mapped_state_dict(
+    model: torch.nn.Module,
+    mapped: Mapping[str, Tensor],
+    source: str = "state dict",
+    *,
+    error: type[Exception] = OfficialCheckpointError,
+) -> None:
     """Copy ``mapped`` (our names) into ``model`` and prove nothing was left out on either side.
 
-    Errors if a mapped tensor has no home in the model, if a model parameter or persistent
-    buffer would keep its initial value, or on any shape mismatch. Megatron ``_extra_state``
-    entries (Transformer Engine metadata, not weights) are left as they are.
+    Errors (``error``, default OfficialCheckpointError) if a mapped tensor has no home in the
+    model, if a model parameter or persistent buffer would keep its initial value, or on any
+    shape mismatch. ``_extra_state`` entries are left as they are (see :func:`loadable_tensors`).
+    Tensors are cast to the model's dtypes. Also the loader of the Hugging Face importer
+    (``megatron_mosaic.hf.importer``), which passes its own ``ConversionError``.
     """
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    own = loadable_tensors(model)
     missing = sorted(set(own) - set(mapped))
     extra = sorted(set(mapped) - set(own))
     misshapen = [f"{k}: ours {tuple(own[k].shape)}, mapped {tuple(v.shape)}"
                  for k, v in mapped.items() if k in own and own[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"model tensors with no official source: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if extra:
-        problems.append(f"mapped tensors the model does not have: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    if misshapen:
-        problems.append(f"shape mismatches: {misshapen[:8]}{' ...' if len(misshapen) > 8 else ''}")
+    problems = _listed_problems(
+        ("model tensors with no official source", missing),
+        ("mapped tensors the model does not have", extra),
+        ("shape mismatches", misshapen),
+    )
     if problems:
-        raise OfficialCheckpointError(f"{source}: cannot load into {type(model).__name__}: " + "; ".join(problems))
+        raise error(f"{source}: cannot load into {type(model).__name__}: " + "; ".join(problems))
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name in mapped:
@@ -345,7 +359,7 @@ def load_mapped_state_dict(model: torch.nn.Module, mapped: Mapping[str, Tensor],
     after = model.state_dict()
     for name, param in model.named_parameters():
         if name not in mapped:
-            raise OfficialCheckpointError(f"{source}: model parameter {name!r} was not filled")
+            raise error(f"{source}: model parameter {name!r} was not filled")
     for name, value in mapped.items():
         if not torch.equal(after[name], value.to(after[name].dtype)):
-            raise OfficialCheckpointError(f"{source}: {name!r} does not hold the imported value after loading")
+            raise error(f"{source}: {name!r} does not hold the imported value after loading")

@@ -227,6 +227,9 @@ def test_load_mapped_refuses_partial_load():
         load_mapped_state_dict(model, {**sd, "extra": torch.zeros(1)})
     with pytest.raises(OfficialCheckpointError, match="shape mismatches"):
         load_mapped_state_dict(model, {**sd, "mosaic.ln_f.weight": torch.zeros(5)})
+    # The HF importer shares this loader and passes its own error class.
+    with pytest.raises(RuntimeError, match="no official source"):
+        load_mapped_state_dict(model, partial, error=RuntimeError)
 
 
 # ---------------------------------------------------------------------------------------------

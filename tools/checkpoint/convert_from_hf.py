@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from megatron_mosaic.hf.conversion import ConversionError  # noqa: E402
 from megatron_mosaic.hf.importer import import_from_hf  # noqa: E402
+from tools._cli import cli_error  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-shard bars would bury the summary line
     if args.iteration is not None and args.iteration < 0:
-        print("convert_from_hf: error: --iteration must be >= 0", file=sys.stderr)
-        return 1
+        return cli_error("convert_from_hf", "--iteration must be >= 0")
     try:
         summary = import_from_hf(args.load, args.save, iteration=args.iteration, overwrite=args.overwrite)
     except (ConversionError, FileExistsError, FileNotFoundError) as err:
-        print(f"convert_from_hf: error: {err}", file=sys.stderr)
-        return 1
+        return cli_error("convert_from_hf", err)
     print(f"converted {summary['model']} ({summary['parameters']:,} parameters) -> {summary['output']} "
           f"at iteration {summary['iteration']}")
     return 0

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from megatron_mosaic.hf.conversion import ConversionError  # noqa: E402
 from megatron_mosaic.hf.export import export_to_hf  # noqa: E402
 from megatron_mosaic.hf.megatron_checkpoint import CheckpointError  # noqa: E402
+from tools._cli import cli_error  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,8 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tokenizer_model=args.tokenizer_model, overwrite=args.overwrite,
         )
     except (CheckpointError, ConversionError, FileExistsError, FileNotFoundError) as err:
-        print(f"convert_to_hf: error: {err}", file=sys.stderr)
-        return 1
+        return cli_error("convert_to_hf", err)
     print(f"converted {summary['model']} iteration {summary['iteration']} "
           f"({summary['parameters']:,} parameters, tokenizer: {summary['tokenizer'] or 'none'}) -> {summary['output']}")
     return 0

@@ -36,6 +36,7 @@ from megatron_mosaic.model.official_v1 import (  # noqa: E402
     map_official_state_dict,
     read_official_checkpoint,
 )
+from tools._cli import cli_error  # noqa: E402
 
 IMPORT_ITERATION = 0
 
@@ -173,8 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         output, saved = import_official_v1(argv)
     except OfficialCheckpointError as err:
-        print(f"import_official_v1: error: {err}", file=sys.stderr)
-        return 2
+        return cli_error("import_official_v1", err, status=2)
     print(f"import_official_v1: wrote {output} (iteration {IMPORT_ITERATION}, vocabulary "
           f"{saved['padded_vocab_size']}); train from it with the same model flags:\n"
           f"  pretrain_mosaic.py {training_flags(saved, output)} ...")

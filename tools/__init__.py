@@ -1,0 +1,1 @@
+"""Command-line tools (run as scripts); a package so that they share ``tools/_cli.py``."""
