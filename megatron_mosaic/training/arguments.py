@@ -1,0 +1,306 @@
+"""Command-line arguments of ``pretrain_mosaic.py``, named as in Megatron-LM where one exists.
+
+``parse_args(argv, world_size)`` parses and validates; every invalid combination is rejected
+before any work starts with a message naming the offending arguments. ``args_from_dict`` turns
+the argument dict stored in a checkpoint back into a namespace (missing keys take today's
+defaults) so a model can be rebuilt from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from typing import Any, Optional, Sequence
+
+MODELS = ("mosaic-v1", "mosaic-v2", "gpt")
+
+
+class ArgumentError(ValueError):
+    """An invalid argument or combination of arguments (the message names them)."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=MODELS, default="mosaic-v2")
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="SwiGLU MLP width (mosaic-v2 and gpt); default 3 * hidden size (paper)")
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="no biases in linear layers (mosaic-v1; v2 and gpt never use them)")
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="initialise full weights on the CPU then shard them, so any TP size gives "
+                        "the same initial model (always on without CUDA)")
+    m = p.add_argument_group("mosaic")
+    m.add_argument("--persistent-memory-size", type=int, default=0,
+                   help="v1 persistent memory slots per head; 0 = round(3.5 * hidden size)")
+    m.add_argument("--short-term-window", type=int, default=256)
+    m.add_argument("--long-term-delay-range", type=int, nargs=2, default=(64, 256),
+                   metavar=("LOW", "HIGH"), help="v2 training delay m ~ U[LOW, HIGH] per step")
+    m.add_argument("--long-term-inference-delay", type=int, default=64)
+    m.add_argument("--bandwidth-theta-init", type=float, default=1.5)
+    m.add_argument("--bandwidth-alpha-init", type=float, default=1.0 / 3.0)
+    m.add_argument("--no-document-masking", dest="document_masking", action="store_false",
+                   help="let memories see across end-of-document tokens")
+    m.add_argument("--v1-key-scale-max", type=float, default=5.0)
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch size * data-parallel size")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights")
+    g.add_argument("--fp8-format", choices=("e4m3", "hybrid"), default=None,
+                   help="FP8 through Transformer Engine (needs CUDA and transformer-engine)")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
+                   help="default: nccl with CUDA, gloo without")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="prefixes of .bin/.idx files, optionally weighted: [W1] P1 [W2] P2 ...")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="*", default=None,
+                       help=f"{split} split prefixes (optionally weighted), instead of --data-path")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of --data-path")
+    g.add_argument("--tokenizer-type", default=None)
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or HF tokenizer dir")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --mock-data")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP size (Megatron-LM)")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=0)
+
+
+def _add_checkpoint_and_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM save a checkpoint and exit cleanly")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-interval", type=int, default=None)
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-interval", type=int, default=1000)
+    e.add_argument("--eval-iters", type=int, default=10)
+    e.add_argument("--per-position-eval-iters", type=int, default=None,
+                   help="batches for the final per-position validation loss; default --eval-iters; "
+                        "0 skips it")
+    e.add_argument("--log-interval", type=int, default=10)
+    e.add_argument("--tensorboard-dir", default=None)
+    e.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_mosaic.py",
+        description="Pretrain Memory Mosaics (v1, v2) or a GPT baseline on Megatron-Core.",
+        allow_abbrev=False,
+    )
+    _add_model_args(p)
+    _add_training_args(p)
+    _add_parallel_args(p)
+    _add_data_args(p)
+    _add_checkpoint_and_logging_args(p)
+    return p
+
+
+def _derive(args: argparse.Namespace, world_size: int) -> None:
+    """Fill derived fields (data-parallel size, defaults that depend on other arguments)."""
+    model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                      * args.context_parallel_size)
+    args.world_size = world_size
+    args.data_parallel_size = world_size // model_parallel if model_parallel > 0 else 0
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 3 * args.hidden_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.per_position_eval_iters is None:
+        args.per_position_eval_iters = args.eval_iters
+    args.long_term_delay_range = tuple(args.long_term_delay_range)
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage and args.pipeline_model_parallel_size > 1:
+        layers_per_stage = args.num_layers // args.pipeline_model_parallel_size
+        args.virtual_pipeline_model_parallel_size = (
+            layers_per_stage // args.num_layers_per_virtual_pipeline_stage)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ArgumentError(message)
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Derive fields and check every combination; raises :class:`ArgumentError` naming arguments."""
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size", "log_interval", "eval_interval"):
+        value = getattr(args, name)
+        _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    _check(args.train_iters >= 0, f"--train-iters must be >= 0, got {args.train_iters}")
+    tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.context_parallel_size)
+    _check(world_size % (tp * pp * cp) == 0,
+           f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+           f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp})")
+    _derive(args, world_size)
+    dp = args.data_parallel_size
+    _check(args.hidden_size % args.num_attention_heads == 0,
+           f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
+           f"({args.num_attention_heads})")
+    _check(args.num_attention_heads % tp == 0,
+           f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+           f"--tensor-model-parallel-size ({tp})")
+    _check(args.ffn_hidden_size % tp == 0,
+           f"--ffn-hidden-size ({args.ffn_hidden_size}) must be divisible by "
+           f"--tensor-model-parallel-size ({tp})")
+    _check(args.num_layers % pp == 0,
+           f"--num-layers ({args.num_layers}) must be divisible by "
+           f"--pipeline-model-parallel-size ({pp})")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        vs = args.num_layers_per_virtual_pipeline_stage
+        _check(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
+                       "--pipeline-model-parallel-size > 1")
+        _check(vs >= 1 and (args.num_layers // pp) % vs == 0,
+               f"--num-layers ({args.num_layers}) / --pipeline-model-parallel-size ({pp}) must be "
+               f"divisible by --num-layers-per-virtual-pipeline-stage ({vs})")
+    _check(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+           f"--global-batch-size ({args.global_batch_size}) must be divisible by "
+           f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({dp} = world size "
+           f"{world_size} / (TP {tp} x PP {pp} x CP {cp}))")
+    vp = args.virtual_pipeline_model_parallel_size
+    if vp is not None and vp > 1:
+        microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+        _check(microbatches % pp == 0,
+               f"interleaved pipelining needs the number of micro-batches ({microbatches} = "
+               f"--global-batch-size / (--micro-batch-size x DP)) divisible by "
+               f"--pipeline-model-parallel-size ({pp})")
+    if cp > 1:
+        _check(args.seq_length % (2 * cp) == 0,
+               f"--seq-length ({args.seq_length}) must be divisible by 2 x "
+               f"--context-parallel-size ({cp})")
+        _check(args.model != "mosaic-v1", "--context-parallel-size > 1 is implemented for "
+                                          "--model mosaic-v2 and gpt, not mosaic-v1")
+    _check(0.0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
+    _check(args.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    _check(args.lr_warmup_iters < args.lr_decay_iters or args.lr_decay_style == "constant"
+           or args.train_iters == 0,
+           f"--lr-warmup-iters ({args.lr_warmup_iters}) must be < --lr-decay-iters "
+           f"({args.lr_decay_iters}, default --train-iters)")
+    _check(args.clip_grad >= 0.0, f"--clip-grad must be >= 0, got {args.clip_grad}")
+    _check(args.weight_decay >= 0.0, f"--weight-decay must be >= 0, got {args.weight_decay}")
+    low, high = args.long_term_delay_range
+    _check(1 <= low <= high, f"--long-term-delay-range LOW HIGH needs 1 <= LOW <= HIGH, got {low} {high}")
+    _check(args.short_term_window >= 1, "--short-term-window must be >= 1")
+    if args.save_interval is not None:
+        _check(args.save is not None, "--save-interval needs --save")
+        _check(args.save_interval >= 1, "--save-interval must be >= 1")
+    if args.exit_signal_handler or args.exit_duration_in_mins or args.exit_interval:
+        pass  # exiting early without --save is allowed (nothing is saved, a warning is logged)
+    _check(args.eval_iters >= 0, "--eval-iters must be >= 0")
+    if not args.mock_data:
+        _check(bool(args.data_path) or bool(args.train_data_path),
+               "--data-path (or --train-data-path) is required, or --mock-data for synthetic tokens")
+        _check(not (args.data_path and (args.train_data_path or args.valid_data_path
+                                        or args.test_data_path)),
+               "--data-path cannot be combined with --train-data-path/--valid-data-path/--test-data-path")
+        _check(args.tokenizer_type is not None, "--tokenizer-type is required with --data-path")
+    else:
+        _check(args.vocab_size is not None or args.tokenizer_type is not None,
+               "--mock-data needs --vocab-size (or a --tokenizer-type)")
+    _check_fp8_and_te(args)
+    return args
+
+
+def _check_fp8_and_te(args: argparse.Namespace) -> None:
+    wants_te = args.transformer_impl == "transformer_engine" or args.fp8_format is not None
+    if not wants_te:
+        return
+    what = (f"--fp8-format {args.fp8_format}" if args.fp8_format
+            else "--transformer-impl transformer_engine")
+    _check(args.model != "gpt", f"{what} is implemented for --model mosaic-v1/mosaic-v2; the GPT "
+                                f"baseline is built from Megatron's local spec only")
+    have_te = importlib.util.find_spec("transformer_engine") is not None
+    _check(have_te, f"{what} needs NVIDIA Transformer Engine, which is not installed "
+                    f"(pip install 'megatron_mosaic[te]' on a CUDA machine)")
+    import torch
+
+    _check(torch.cuda.is_available(), f"{what} needs CUDA (Transformer Engine has no CPU kernels)")
+    if args.fp8_format:
+        _check(args.transformer_impl == "transformer_engine",
+               "--fp8-format needs --transformer-impl transformer_engine")
+        _check(args.bf16, "--fp8-format needs --bf16")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> argparse.Namespace:
+    """Parse and validate. Bad values exit with status 2 and a message naming the arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return validate_args(args, world_size)
+    except ArgumentError as err:  # one line naming the arguments (the usage text is 60 lines)
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        raise  # unreachable: parser.exit exits
+
+
+def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain-data form of the arguments for checkpoints (tuples become lists)."""
+    out = {}
+    for key, value in vars(args).items():
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def args_from_dict(saved: dict[str, Any], **overrides: Any) -> argparse.Namespace:
+    """Namespace from checkpointed arguments; keys missing from ``saved`` take current defaults."""
+    args = build_parser().parse_args([])
+    for key, value in {**saved, **overrides}.items():
+        setattr(args, key, value)
+    args.long_term_delay_range = tuple(args.long_term_delay_range)
+    return args
+
+
+def num_microbatches(args: argparse.Namespace) -> int:
+    return args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+
+
+def tokens_per_iteration(args: argparse.Namespace) -> int:
+    return args.global_batch_size * args.seq_length
+

@@ -1,0 +1,247 @@
+"""Megatron-LM-style checkpoints on Megatron-Core distributed checkpointing (torch_dist).
+
+Layout::
+
+    DIR/latest_checkpointed_iteration.txt   iteration number, written last and atomically
+    DIR/iter_0000100/                       a dist_checkpointing directory
+
+Common state: ``args`` (every run argument), ``iteration``, ``consumed_samples``, ``scheduler``
+and the optimizer's hyper-parameters. Sharded state: ``model`` (``model.sharded_state_dict()``,
+or ``model0``, ``model1``... for virtual pipeline chunks), ``optimizer`` (Adam moments sharded
+like their parameters) and ``rng_state`` (python, numpy, torch and CUDA states of every rank).
+Tensors are stored by global key and offset, so a checkpoint loads under another DP, TP or PP
+layout (RNG states are restored only when TP, PP and DP x CP match).
+
+A save goes to ``iter_N.partial`` and is renamed to ``iter_N`` when every rank has finished;
+only then is the tracker file replaced. A crash at any point leaves the previous checkpoint
+as the one ``load_checkpoint`` finds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """Iteration named by ``root``'s tracker file, or None when there is no checkpoint."""
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def _resolve(load_dir: str) -> Optional[str]:
+    """The iteration directory to load: via the tracker, or ``load_dir`` itself if it is one."""
+    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
+        return load_dir
+    iteration = read_tracker(load_dir)
+    if iteration is None:
+        return None
+    path = checkpoint_dir(load_dir, iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{os.path.join(load_dir, TRACKER_FILENAME)} names iteration "
+                                f"{iteration} but {path} does not exist")
+    return path
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):  # Megatron DDP / Float16Module wrappers
+        chunk = chunk.module
+    return chunk
+
+
+def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    chunks = [_unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _model_part(sharded: dict[str, Any]) -> dict[str, Any]:
+    # Kept nested: virtual-pipeline chunks reuse local dict keys ("decoder.layers.0...").
+    return {k: v for k, v in sharded.items() if k.startswith("model")}
+
+
+# ---- RNG --------------------------------------------------------------------------------------
+def _local_rng_state() -> dict[str, Any]:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_local_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(for_loading: bool = False) -> ShardedObject:
+    """One object per (PP, TP) position holding the states of all its DP x CP replicas."""
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    states: list[Any] = [None] * dist.get_world_size(group)
+    if not for_loading:
+        dist.all_gather_object(states, _local_rng_state(), group=group)
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size())
+    offset = (parallel_state.get_pipeline_model_parallel_rank(),
+              parallel_state.get_tensor_model_parallel_rank())
+    return ShardedObject("rng_state", states, shape, offset,
+                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+# ---- save -------------------------------------------------------------------------------------
+def _write_tracker(root: str, iteration: int) -> None:
+    tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER_FILENAME))
+
+
+def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.nn.Module],
+                    optimizer: Any = None, scheduler: Any = None, *, args: dict[str, Any],
+                    consumed_samples: int = 0) -> str:
+    """Save a checkpoint collectively (every rank calls this); returns its directory."""
+    final = checkpoint_dir(save_dir, iteration)
+    if read_tracker(save_dir) == iteration and os.path.isdir(final):
+        logger.info("checkpoint %s already exists and is the latest: not saving again", final)
+        return final
+    staging = final + ".partial"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save
+        os.makedirs(staging)
+    dist.barrier()
+
+    state: dict[str, Any] = _model_sharded_state_dict(model_chunks)
+    state["rng_state"] = _rng_sharded_object()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(_model_part(state))
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state.update(args=dict(args), iteration=iteration, consumed_samples=consumed_samples,
+                 checkpoint_version=CHECKPOINT_VERSION)
+    dist_checkpointing.save(state, staging, sharded_strategy=("torch_dist", 1))
+
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        if os.path.isdir(final):  # a stale, never-tracked directory from an earlier run
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _write_tracker(save_dir, iteration)  # last: the checkpoint is now the latest
+    dist.barrier()
+    return final
+
+
+# ---- load -------------------------------------------------------------------------------------
+def _warn_once(message: str) -> None:
+    if dist.get_rank() == 0:
+        logger.warning(message)
+
+
+def read_checkpoint_args(load_dir: str) -> dict[str, Any]:
+    """The run arguments stored in the latest checkpoint of ``load_dir`` (no model needed)."""
+    path = _resolve(load_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {load_dir} (missing {TRACKER_FILENAME})")
+    return dict(dist_checkpointing.load_common_state_dict(path)["args"])
+
+
+def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer: Any = None,
+                    scheduler: Any = None, *, load_rng: bool = True) -> dict[str, Any]:
+    """Load the latest checkpoint of ``load_dir`` into the given objects (collective call).
+
+    Returns ``{"iteration", "consumed_samples", "args"}``; iteration 0 and args None when
+    ``load_dir`` holds no checkpoint yet (a fresh run that saves to the same directory).
+    """
+    path = _resolve(load_dir)
+    if path is None:
+        return {"iteration": 0, "consumed_samples": 0, "args": None}
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_args = common["args"]
+
+    request: dict[str, Any] = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None and "optimizer" not in common:
+        _warn_once(f"{path} holds no optimizer state: the optimizer starts fresh")
+        optimizer = None
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(_model_part(request),
+                                                            is_loading=True)
+    dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    same_layout = (
+        saved_args.get("tensor_model_parallel_size") == parallel_state.get_tensor_model_parallel_world_size()
+        and saved_args.get("pipeline_model_parallel_size") == parallel_state.get_pipeline_model_parallel_world_size()
+        and saved_args.get("data_parallel_size", 0) * saved_args.get("context_parallel_size", 1) == dp_cp
+    )
+    if load_rng and same_layout:
+        request["rng_state"] = _rng_sharded_object(for_loading=True)
+    elif load_rng:
+        _warn_once(f"{path} was saved with another TP/PP/DP layout: RNG states not restored")
+
+    loaded = dist_checkpointing.load(request, path)
+
+    for i, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{i}"
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in common:
+        scheduler.load_state_dict(common["scheduler"])
+    if "rng_state" in request:
+        rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        _set_local_rng_state(loaded["rng_state"][rank])
+    return {"iteration": int(common["iteration"]),
+            "consumed_samples": int(common.get("consumed_samples", 0)), "args": dict(saved_args)}
+
+
+class CheckpointMismatchError(ValueError):
+    """--load names a checkpoint of a differently shaped model (the message names the arguments)."""
+
+
+# Arguments that fix the shapes of the saved tensors: a checkpoint only loads if they agree.
+ARCHITECTURE_ARGS = ("model", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "padded_vocab_size", "persistent_memory_size", "disable_bias_linear")
+
+
+def check_checkpoint_matches(args: Any) -> None:
+    """Fail early, naming the arguments, when --load holds a differently shaped model."""
+    try:
+        saved = read_checkpoint_args(args.load)
+    except FileNotFoundError:
+        return  # nothing saved yet: a fresh run that will save there
+    diffs = [f"--{k.replace('_', '-')} {saved[k]} (checkpoint) vs {getattr(args, k)} (now)"
+             for k in ARCHITECTURE_ARGS if k in saved and saved[k] != getattr(args, k)]
+    if diffs:
+        raise CheckpointMismatchError(f"--load {args.load}: the checkpoint's model differs: "
+                                      + "; ".join(diffs))

@@ -1,0 +1,151 @@
+"""The one place where megatron-core's CUDA assumptions are bridged to the CPU.
+
+megatron-core 0.16 has no CPU path: a few call sites hard-code the GPU. On a machine without
+CUDA this module makes four of them work on the CPU so the same training loop (Megatron DDP,
+``finalize_model_grads``, pipeline schedules, ``dist_checkpointing``) runs on gloo:
+
+1. ``torch.cuda.current_device()`` -> ``"cpu"``. Megatron allocates p2p shape/receive buffers
+   (``pipeline_parallel/p2p_communication.py``), grad buffers (``distributed/param_and_grad_buffer.py``)
+   and ``GlobalMemoryBuffer`` tensors with ``device=torch.cuda.current_device()``.
+2. ``torch.cuda.synchronize()`` -> no-op. Called by p2p communication and checkpoint saving;
+   there is nothing to synchronise on the CPU.
+3. ``device="cuda"`` literals in ``pipeline_parallel/schedules.py`` (``total_num_tokens =
+   torch.zeros([], device="cuda")`` in all three schedules): the module's ``torch`` name is
+   replaced by a thin proxy whose tensor factories map ``"cuda"`` to the CPU. Only that module
+   sees the proxy.
+
+4. ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")`` on the tensor-parallel linear
+   autograd functions (``tensor_parallel/layers.py``): their backward replays the forward's
+   *CUDA* autocast state, so under CPU autocast (``--bf16``) the backward mixes a bf16 output
+   gradient with fp32 weights and fails. Re-decorated with ``device_type="cpu"``.
+
+Nothing is patched when CUDA is available: GPU runs use megatron-core untouched. Every patch is
+shown to still be needed by ``tests/training/test_cuda_compat.py`` (the unpatched call fails on
+CPU); when an upgrade makes one unnecessary that test fails and the patch should be dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+from typing import Any, Iterator
+
+import torch
+
+# The megatron-core version these patches were written and tested against.
+TESTED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
+
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+_original: dict[str, Any] = {}
+
+
+def _cpu_current_device() -> str:
+    return "cpu"
+
+
+def _noop_synchronize(device: Any = None) -> None:
+    return None
+
+
+class _CpuDeviceTorch(types.ModuleType):
+    """``torch`` as seen by ``schedules.py``: identical except ``device="cuda"`` means CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args: Any, **kwargs: Any) -> torch.Tensor:
+                if str(kwargs.get("device", "")).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return attr(*args, **kwargs)
+            return factory
+        return attr
+
+
+PATCHES = ("current_device", "synchronize", "schedules", "linear_autocast")
+
+
+def _cpu_autocast_function(cls: type) -> type:
+    """A subclass of a Megatron autograd Function whose forward/backward follow CPU autocast."""
+    forward = torch.amp.custom_fwd(cls.forward.__wrapped__, device_type="cpu")
+    backward = torch.amp.custom_bwd(cls.backward.__wrapped__, device_type="cpu")
+    return type(cls.__name__, (cls,), {"forward": staticmethod(forward),
+                                       "backward": staticmethod(backward),
+                                       "__module__": __name__})
+
+
+_linear_functions: dict[str, type] = {}
+
+
+def _cpu_linear_functions() -> dict[str, type]:
+    from megatron.core.tensor_parallel import layers
+
+    if not _linear_functions:  # built once: Function subclasses are registered globally
+        for name in ("LinearWithGradAccumulationAndAsyncCommunication", "LinearWithFrozenWeight"):
+            _linear_functions[name] = _cpu_autocast_function(getattr(layers, name))
+    return _linear_functions
+
+
+def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
+    """patch name -> [(object, attribute, CPU replacement)]."""
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import layers
+
+    return {
+        "current_device": [(torch.cuda, "current_device", _cpu_current_device)],
+        "synchronize": [(torch.cuda, "synchronize", _noop_synchronize)],
+        "schedules": [(schedules, "torch", _CpuDeviceTorch())],
+        "linear_autocast": [(layers, name, fn) for name, fn in _cpu_linear_functions().items()],
+    }
+
+
+def is_active() -> bool:
+    """True when the CPU patches are in place."""
+    return bool(_original)
+
+
+def apply() -> bool:
+    """Install the CPU patches if CUDA is absent. Idempotent. Returns whether they are active."""
+    if torch.cuda.is_available():
+        return False
+    from megatron.core import package_info
+
+    if not _original and package_info.__version__ not in TESTED_MEGATRON_CORE_VERSIONS:
+        warnings.warn(
+            f"megatron_mosaic.training.cuda_compat was tested with megatron-core "
+            f"{TESTED_MEGATRON_CORE_VERSIONS}, found {package_info.__version__}: run "
+            f"tests/training/test_cuda_compat.py to check which CPU patches are still needed",
+            stacklevel=2,
+        )
+    for name, targets in _targets().items():
+        if name not in _original:
+            _original[name] = [getattr(obj, attr) for obj, attr, _ in targets]
+            for obj, attr, replacement in targets:
+                setattr(obj, attr, replacement)
+    return True
+
+
+def revert(*names: str) -> None:
+    """Undo :func:`apply` for the named patches (all by default)."""
+    targets = _targets()
+    for name in names or PATCHES:
+        if name not in PATCHES:
+            raise ValueError(f"unknown cuda_compat patch {name!r}; patches are {PATCHES}")
+        if name in _original:
+            for (obj, attr, _), original in zip(targets[name], _original.pop(name)):
+                setattr(obj, attr, original)
+
+
+@contextlib.contextmanager
+def unpatched(*names: str) -> Iterator[None]:
+    """Temporarily remove the named patches (all by default); re-applied on exit if they were."""
+    was_active = is_active()
+    revert(*names)
+    try:
+        yield
+    finally:
+        if was_active:
+            apply()

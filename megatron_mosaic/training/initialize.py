@@ -1,0 +1,87 @@
+"""Process groups, parallel_state and seeds: the same calls on a CPU box (gloo) and GPUs (nccl)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_mosaic.training import cuda_compat
+
+
+def world_size_from_env() -> int:
+    """World size set by torchrun (1 when run as a plain script)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Start the process group (if not yet started) and Megatron's model-parallel groups.
+
+    Under torchrun the usual env variables are read; a plain ``python pretrain_mosaic.py`` run
+    becomes a one-rank group so the rest of the code needs no special case.
+    """
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cuda_compat.apply()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if dist.get_world_size() != args.world_size:
+        raise RuntimeError(f"arguments were validated for world size {args.world_size} but the "
+                           f"process group has {dist.get_world_size()} ranks")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+        )
+    set_random_seeds(args.seed)
+
+
+def set_random_seeds(seed: int) -> None:
+    """Seed python, numpy and torch; pipeline stages get distinct streams as in Megatron-LM.
+
+    Tensor-parallel ranks share the seed so CPU-initialised master weights agree before they
+    are split. On GPU Megatron's CUDA RNG tracker gives TP regions their own streams; on the CPU
+    that tracker cannot be built, so a no-op tracker is installed (dropout in TP regions then
+    draws from the rank's CPU generator).
+    """
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def destroy_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,152 @@
+"""Build the model chunks of this rank from run arguments (a parsed namespace or a checkpoint's dict).
+
+One chunk per virtual pipeline stage (a single chunk without interleaving). ``wrap_for_training``
+puts each chunk in Megatron ``DistributedDataParallel`` and wires the config hooks the pipeline
+schedules call (``finalize_model_grads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mosaic.training.arguments import args_from_dict
+
+
+def _as_namespace(args: Union[argparse.Namespace, dict[str, Any]]) -> argparse.Namespace:
+    return args if isinstance(args, argparse.Namespace) else args_from_dict(args)
+
+
+def _common_config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        # Weights stay fp32 (bf16 is autocast). Stages exchange activations in the compute
+        # dtype; the forward step casts each stage's output to it (see loop.make_forward_step).
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        # Full weights are drawn on the CPU from the shared seed, then split: identical initial
+        # models for every TP size. Always on without CUDA (the GPU init path forks CUDA RNGs).
+        use_cpu_initialization=args.use_cpu_initialization or not torch.cuda.is_available(),
+        # The loss is a sum over tokens divided by the global token count (finalize_model_grads),
+        # so any DP x micro-batch split of a global batch gives the same gradient.
+        calculate_per_token_loss=True,
+        fp8=args.fp8_format,
+        # gloo matches point-to-point messages between two ranks in posting order; Megatron's
+        # batched p2p posts "grad to prev" and "activation to next" to the same peer when PP=2
+        # with virtual stages, so their order differs between sender and receiver and the
+        # tensors arrive swapped. The unbatched path puts the two directions on separate groups.
+        batch_p2p_comm=_backend() != "gloo",
+    )
+
+
+def _backend() -> str:
+    return dist.get_backend() if dist.is_initialized() else ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
+    """MosaicConfig for mosaic-v1/v2, a Llama-style TransformerConfig for the GPT baseline."""
+    fields = _common_config_fields(args)
+    if args.model == "gpt":
+        return TransformerConfig(normalization="RMSNorm", gated_linear_unit=True,
+                                 activation_func=F.silu, add_bias_linear=False, **fields)
+    from megatron_mosaic.model.config import MosaicConfig
+
+    version = 1 if args.model == "mosaic-v1" else 2
+    mosaic = dict(
+        mosaic_version=version,
+        persistent_memory_size=args.persistent_memory_size,
+        short_term_window=args.short_term_window,
+        long_term_delay_range=tuple(args.long_term_delay_range),
+        long_term_inference_delay=args.long_term_inference_delay,
+        bandwidth_theta_init=args.bandwidth_theta_init,
+        bandwidth_alpha_init=args.bandwidth_alpha_init,
+        document_masking=args.document_masking,
+        v1_key_scale_max=args.v1_key_scale_max,
+    )
+    if version == 1:
+        mosaic["add_bias_linear"] = not args.disable_bias_linear
+    return MosaicConfig(**mosaic, **fields)
+
+
+def _build_chunk(args: argparse.Namespace, config: TransformerConfig, vp_stage: Any) -> MegatronModule:
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    eod = getattr(args, "eod_token_id", None)
+    if args.model == "gpt":
+        from megatron_mosaic.model.gpt_baseline import build_gpt_baseline
+
+        return build_gpt_baseline(config, args.padded_vocab_size, pre_process=pre, post_process=post,
+                                  vp_stage=vp_stage, eod_token_id=eod,
+                                  document_masking=args.document_masking)
+    from megatron_mosaic.model.mosaic_model import MosaicModel
+    from megatron_mosaic.model.specs import get_mosaic_layer_local_spec, get_mosaic_layer_te_spec
+
+    version = config.mosaic_version
+    spec = (get_mosaic_layer_te_spec(version) if args.transformer_impl == "transformer_engine"
+            else get_mosaic_layer_local_spec(version))
+    return MosaicModel(config, args.padded_vocab_size, pre_process=pre, post_process=post,
+                       vp_stage=vp_stage, eod_token_id=eod, layer_spec=spec)
+
+
+def build_model(args: Union[argparse.Namespace, dict[str, Any]]) -> list[MegatronModule]:
+    """This rank's model chunks, unwrapped (parallel_state must be initialised).
+
+    ``args`` needs ``padded_vocab_size`` (set by ``pretrain_mosaic.py`` from the tokenizer and
+    saved in every checkpoint) and optionally ``eod_token_id`` for document masking.
+    """
+    args = _as_namespace(args)
+    if getattr(args, "padded_vocab_size", None) is None:
+        raise ValueError("build_model: args.padded_vocab_size is not set (derive it from the "
+                         "tokenizer with megatron_mosaic.training.model_builder.pad_vocab_size)")
+    config = transformer_config_from_args(args)
+    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    stages = list(range(vp_size)) if vp_size and vp_size > 1 else [None]
+    return [_build_chunk(args, config, vp) for vp in stages]
+
+
+def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
+    """Pad to a multiple of lcm(divisible_by, TP) so every TP rank gets equal rows.
+
+    Megatron-LM pads to divisible_by x TP; the lcm gives the same size for every power-of-two
+    TP up to divisible_by, so a checkpoint keeps its embedding shape when TP changes.
+    """
+    multiple = math.lcm(divisible_by, tp_size)
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def wrap_for_training(chunks: list[MegatronModule]) -> list[DistributedDataParallel]:
+    """Megatron DDP around each chunk (fp32 grad buffers, reduced in finalize_model_grads)."""
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    wrapped = [
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                # Megatron-LM: only the first chunk's grads use buckets.
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config = wrapped[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped

@@ -1,0 +1,208 @@
+"""``pretrain_mosaic.py``'s body: set up, train with periodic eval/save, final evaluation.
+
+``pretrain(args)`` runs inside an existing (or new) process group and returns a summary dict,
+so tests drive exactly the code path users run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+import torch.distributed as dist
+
+from megatron_mosaic.training.arguments import args_to_dict, parse_args, tokens_per_iteration
+from megatron_mosaic.training.checkpointing import (
+    CheckpointMismatchError,
+    check_checkpoint_matches,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_mosaic.training.data import build_data, make_iterators
+from megatron_mosaic.training.exit_control import ExitController
+from megatron_mosaic.training.initialize import (
+    destroy_distributed,
+    initialize_distributed,
+    world_size_from_env,
+)
+from megatron_mosaic.training.loop import (
+    TrainingDivergedError,
+    TrainState,
+    evaluate,
+    train_step,
+)
+from megatron_mosaic.training.metrics import TrainingReporter, write_per_position_loss
+from megatron_mosaic.training.model_builder import build_model, pad_vocab_size, wrap_for_training
+from megatron_mosaic.training.optimizer import MosaicOptimizer, build_scheduler
+
+
+class Run:
+    """A training run's objects; ``fit()`` trains, ``finish()`` evaluates and reports."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rank = dist.get_rank()
+        self.data = build_data(args)
+        args.padded_vocab_size = pad_vocab_size(self.data.vocab_size, args.tensor_model_parallel_size,
+                                                args.make_vocab_size_divisible_by)
+        args.eod_token_id = self.data.eod_token_id
+        if args.load:
+            check_checkpoint_matches(args)
+        self.model = wrap_for_training(build_model(args))
+        self.optimizer = MosaicOptimizer(self.model, args)
+        self.scheduler = build_scheduler(self.optimizer, args)
+        self.state = TrainState()
+        if args.load:
+            loaded = load_checkpoint(args.load, self.model,
+                                     None if args.no_load_optim else self.optimizer,
+                                     None if args.no_load_optim else self.scheduler,
+                                     load_rng=not args.no_load_rng)
+            self.state = TrainState(loaded["iteration"], loaded["consumed_samples"])
+            if loaded["args"] is not None:
+                self.log(f" loaded checkpoint from {args.load} at iteration {self.state.iteration}")
+        self.reporter = TrainingReporter(
+            rank=self.rank, train_iters=args.train_iters, start_iteration=self.state.iteration,
+            log_interval=args.log_interval, tokens_per_iteration=tokens_per_iteration(args),
+            tensorboard_dir=args.tensorboard_dir, progress_bar=args.progress_bar)
+        self.losses: list[float] = []
+        self.saved_iteration: Optional[int] = None
+        self.last_validation: Optional[tuple[int, float]] = None
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def save(self) -> None:
+        if not self.args.save or self.saved_iteration == self.state.iteration:
+            return
+        path = save_checkpoint(self.args.save, self.state.iteration, self.model, self.optimizer,
+                               self.scheduler, args=args_to_dict(self.args),
+                               consumed_samples=self.state.consumed_samples)
+        self.saved_iteration = self.state.iteration
+        self.reporter.print(f" saved checkpoint {path}")
+
+    def _valid_iterators(self) -> list[Iterator[dict]]:
+        # Restarted at sample 0 each time: every evaluation sees the same batches.
+        return make_iterators(self.args, self.data.valid, 0, len(self.model), cycle=True)
+
+    def validate(self) -> float:
+        """Validation loss now (not recomputed if this iteration was already evaluated)."""
+        if self.last_validation is not None and self.last_validation[0] == self.state.iteration:
+            return self.last_validation[1]
+        loss, _ = evaluate(self.args, self.model, self._valid_iterators(), self.args.eval_iters)
+        self.reporter.validation(self.state.iteration, loss)
+        self.last_validation = (self.state.iteration, loss)
+        return loss
+
+    def fit(self) -> Optional[str]:
+        """Train to --train-iters; returns the early-exit reason, if any."""
+        args = self.args
+        exit_control = ExitController(handle_sigterm=args.exit_signal_handler,
+                                      duration_mins=args.exit_duration_in_mins,
+                                      exit_interval=args.exit_interval)
+        iterators = make_iterators(args, self.data.train, self.state.consumed_samples,
+                                   len(self.model))
+        try:
+            while self.state.iteration < args.train_iters:
+                start = time.perf_counter()
+                result = train_step(args, self.model, self.optimizer, self.scheduler, iterators,
+                                    self.state)
+                self.losses.append(result.loss)
+                it = self.state.iteration
+                self.reporter.iteration_done(it, result.loss, result.lr, result.grad_norm,
+                                             self.state.consumed_samples,
+                                             step_seconds=time.perf_counter() - start)
+                # finish() evaluates the last iteration anyway (with the per-position pass).
+                if (args.eval_iters and self.data.valid is not None and it % args.eval_interval == 0
+                        and it != args.train_iters):
+                    self.validate()
+                if args.save_interval and it % args.save_interval == 0:
+                    self.save()
+                reason = exit_control.should_exit(it)
+                if reason:
+                    self.reporter.print(f" exiting at iteration {it}: {reason}")
+                    if args.save:
+                        self.save()
+                    else:
+                        self.reporter.print(" WARNING: no --save given, nothing was saved")
+                    return reason
+        finally:
+            exit_control.release()
+        self.save()
+        return None
+
+    def _per_position(self) -> dict[str, Any]:
+        """Validation loss per token position, written as CSV + PNG; also the mean loss."""
+        args = self.args
+        loss, per_position = evaluate(args, self.model, self._valid_iterators(),
+                                      args.per_position_eval_iters, per_position=True)
+        out: dict[str, Any] = {}
+        if args.per_position_eval_iters == args.eval_iters:  # the same batches: reuse the pass
+            self.reporter.validation(self.state.iteration, loss)
+            self.last_validation = (self.state.iteration, loss)
+        if self.rank == 0:
+            out_dir = args.tensorboard_dir or args.save or "."
+            out["per_position_csv"], out["per_position_png"] = write_per_position_loss(
+                out_dir, per_position[0], per_position[1],
+                title=f"{args.model}: validation loss per position (iteration "
+                      f"{self.state.iteration})")
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        """Final validation loss and the per-position curve; prints where everything is."""
+        args = self.args
+        summary: dict[str, Any] = {"iteration": self.state.iteration, "losses": self.losses,
+                                   "consumed_samples": self.state.consumed_samples,
+                                   "tokens_per_s": self.reporter.mean_tokens_per_s}
+        if self.data.valid is not None and args.per_position_eval_iters:
+            summary.update(self._per_position())
+        if self.data.valid is not None and args.eval_iters:
+            summary["valid_loss"] = self.validate()
+        if self.rank == 0:
+            parts = [f" final | iteration {self.state.iteration}"]
+            if "valid_loss" in summary:
+                parts.append(f"validation loss {summary['valid_loss']:.4f}")
+            if summary["tokens_per_s"] is not None:
+                parts.append(f"training tokens/s {summary['tokens_per_s']:,.0f} (mean over "
+                             f"{self.reporter.total_iters} iterations)")
+            self.reporter.print(" | ".join(parts))
+            if args.save:
+                self.reporter.print(f" checkpoint:           {os.path.abspath(args.save)}")
+            if args.tensorboard_dir:
+                self.reporter.print(f" tensorboard logs:     {os.path.abspath(args.tensorboard_dir)}")
+            if "per_position_png" in summary:
+                self.reporter.print(f" per-position loss:    "
+                                    f"{os.path.abspath(summary['per_position_png'])} (+ .csv)")
+        self.reporter.close()
+        return summary
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate with validated ``args`` (initialises distributed state if needed)."""
+    initialize_distributed(args)
+    run = Run(args)
+    start = time.time()
+    reason = run.fit()
+    summary = run.finish()
+    summary.update(exit_reason=reason, seconds=time.time() - start)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, validate (exit 2 on bad arguments), train; 1 if the run diverged."""
+    return run_cli(parse_args(argv, world_size_from_env()))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        pretrain(args)
+    except (TrainingDivergedError, CheckpointMismatchError) as err:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"ERROR: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        destroy_distributed()
+    return 0

@@ -1,0 +1,129 @@
+"""Each CPU patch of training/cuda_compat.py is still needed, and sufficient.
+
+For every patch, the megatron-core call it exists for fails on CPU with that one patch removed
+and succeeds with it. When a megatron-core upgrade fixes a call site, the "fails" half of this
+test fails: drop that patch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the patches are CPU-only")
+
+
+def _ddp_wrap() -> None:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                               use_cpu_initialization=True)
+    layer = ColumnParallelLinear(8, 8, config=config, init_method=torch.nn.init.normal_, bias=False)
+    DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(), module=layer)
+
+
+def _no_pipelining_schedule() -> None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.enums import ModelType
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    class Tiny(MegatronModule):
+        def __init__(self):
+            super().__init__(TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1))
+            self.weight = torch.nn.Parameter(torch.ones(8))
+            self.model_type = ModelType.encoder_or_decoder  # read by the schedules
+
+        def set_input_tensor(self, tensor):
+            pass
+
+        def forward(self, x):
+            return (x * self.weight).sum()
+
+    def forward_step(data_iterator, model):
+        return model(next(data_iterator)), lambda out: (out, {"loss": out.detach()})
+
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([torch.ones(8)]),
+                                model=[Tiny()], num_microbatches=1, seq_length=1,
+                                micro_batch_size=1, forward_only=False)
+
+
+def _dist_checkpoint_save(path: str) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    tensor = torch.arange(4.0)
+    state = {"w": ShardedTensor.from_rank_offsets("w", tensor, replica_id=0)}
+    dist_checkpointing.save(state, path, sharded_strategy=("torch_dist", 1))
+
+
+def _linear_under_cpu_autocast() -> None:
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                               use_cpu_initialization=True)
+    layer = ColumnParallelLinear(8, 8, config=config, init_method=torch.nn.init.normal_, bias=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(x)
+    out.float().sum().backward()
+
+
+def _outcome(fn, *args) -> str:
+    try:
+        fn(*args)
+        return "ok"
+    except Exception as err:  # the unpatched calls fail in different ways
+        return f"{type(err).__name__}: {err}"
+
+
+def _check_patches(rank: int, world_size: int, tmp: str) -> dict:
+    import os
+
+    from megatron.core import parallel_state
+
+    from megatron_mosaic.training import cuda_compat
+
+    assert cuda_compat.apply() and cuda_compat.is_active()
+    parallel_state.initialize_model_parallel()
+    cases = {
+        "current_device": (_ddp_wrap,),
+        "schedules": (_no_pipelining_schedule,),
+        "synchronize": (_dist_checkpoint_save, os.path.join(tmp, "unpatched")),
+        "linear_autocast": (_linear_under_cpu_autocast,),
+    }
+    for name in ("unpatched", "patched"):
+        os.makedirs(os.path.join(tmp, name))
+    out = {}
+    for patch, (fn, *fn_args) in cases.items():
+        with cuda_compat.unpatched(patch):
+            without = _outcome(fn, *fn_args)
+        if fn is _dist_checkpoint_save:
+            fn_args = [os.path.join(tmp, "patched")]
+        out[patch] = (without, _outcome(fn, *fn_args))
+    out["still_active"] = cuda_compat.is_active()
+    return out
+
+
+def test_each_cpu_patch_is_needed_and_sufficient(tmp_path):
+    (result,) = run_distributed(_check_patches, 1, str(tmp_path))
+    assert result.pop("still_active")
+    for patch, (without, with_patch) in result.items():
+        assert without != "ok", f"{patch}: the unpatched call now works on CPU; drop this patch"
+        expected = "same dtype" if patch == "linear_autocast" else "CUDA"
+        assert expected in without, f"{patch}: failed for another reason: {without}"
+        assert with_patch == "ok", f"{patch}: fails even when patched: {with_patch}"
+
+
+def test_patches_are_inactive_with_cuda_or_until_applied():
+    from megatron_mosaic.training import cuda_compat
+
+    assert set(cuda_compat.PATCHES) == {"current_device", "synchronize", "schedules",
+                                        "linear_autocast"}
+    with pytest.raises(ValueError, match="unknown cuda_compat patch"):
+        cuda_compat.revert("no_such_patch")

@@ -1,0 +1,71 @@
+"""Parameter groups (no decay on norms, biases, per-head scalars), the LR schedule, clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests.distributed import run_distributed
+from tests.training.common import tiny_args
+
+PER_HEAD = ("leak", "key_scale", "mix", "value_scale", "output_scale", "bandwidth_theta0",
+            "bandwidth_theta1", "bandwidth_theta_alpha")
+
+
+def _groups_schedule_and_clipping(rank: int, world_size: int) -> dict:
+    from megatron_mosaic.training.initialize import initialize_distributed
+    from megatron_mosaic.training.model_builder import build_model, wrap_for_training
+    from megatron_mosaic.training.optimizer import MosaicOptimizer, build_scheduler
+
+    out: dict = {}
+    for model in ("mosaic-v1", "mosaic-v2"):
+        args = tiny_args(model, ["--weight-decay", "0.1", "--lr", "1e-3", "--min-lr", "1e-4",
+                                 "--lr-warmup-iters", "2", "--train-iters", "10",
+                                 "--clip-grad", "0.5"], world_size)
+        initialize_distributed(args)
+        args.padded_vocab_size = 128
+        chunks = wrap_for_training(build_model(args))
+        optimizer = MosaicOptimizer(chunks, args)
+        scheduler = build_scheduler(optimizer, args)
+        names = {id(p): n for n, p in chunks[0].named_parameters()}
+        decay, no_decay = ([names[id(p)] for p in g["params"]] for g in optimizer.param_groups)
+        lrs, wds = [], []
+        for _ in range(11):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            wds.append((optimizer.param_groups[0]["weight_decay"],
+                        optimizer.param_groups[1]["weight_decay"]))
+            scheduler.step(1)
+        # Clipping: with known gradients the pre-clip norm is returned and applied grads have norm 0.5.
+        torch.manual_seed(0)
+        params = list(optimizer.parameters())
+        for p in params:
+            p.main_grad.copy_(torch.randn_like(p))
+        expected = math.sqrt(sum(float(p.main_grad.double().pow(2).sum()) for p in params))
+        norm = optimizer.step()
+        clipped = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params))
+        out[model] = {"decay": decay, "no_decay": no_decay, "lrs": lrs, "wds": wds,
+                      "norm": norm, "expected_norm": expected, "clipped": clipped}
+    return out
+
+
+def test_param_groups_schedule_and_clipping():
+    (result,) = run_distributed(_groups_schedule_and_clipping, 1)
+    for model, r in result.items():
+        for name in r["no_decay"]:
+            assert ("norm" in name or name.endswith(".bias") or name.split(".")[-1] in PER_HEAD), \
+                f"{model}: {name} skips weight decay"
+        for name in r["decay"]:
+            assert name.endswith("weight") or name.endswith(("memory_keys", "memory_values")), \
+                f"{model}: {name} is decayed"
+            assert "norm" not in name
+        assert any(n.split(".")[-1] in PER_HEAD for n in r["no_decay"]), model
+        if model == "mosaic-v1":
+            assert any(n.endswith(".bias") for n in r["no_decay"])
+        lrs = r["lrs"]
+        assert lrs[0] == 0.0 and math.isclose(lrs[1], 5e-4) and math.isclose(lrs[2], 1e-3)
+        assert all(a > b for a, b in zip(lrs[2:], lrs[3:])), f"cosine decay: {lrs}"
+        assert math.isclose(lrs[10], 1e-4)
+        assert all(wd == (0.1, 0.0) for wd in r["wds"]), r["wds"]
+        assert math.isclose(r["norm"], r["expected_norm"], rel_tol=1e-9)
+        assert math.isclose(r["clipped"], 0.5, rel_tol=1e-5)
