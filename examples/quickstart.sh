@@ -67,11 +67,15 @@ step "results (validation loss in nats per token; lower is better)"
     --run "mosaic-v2=$RUNS/mosaic-v2/train.log" --run "gpt=$RUNS/gpt/train.log" \
     --plot "$RUNS/per_position_loss.png"
 
-step "samples from the Memory Mosaics v2 checkpoint (temperature 0.8, top-k 40)"
-"$PY" tools/generate.py --load "$RUNS/mosaic-v2/checkpoints" --prompt "ROMEO:" \
+step "export the Memory Mosaics v2 checkpoint to Hugging Face format -> $RUNS/mosaic-v2/hf"
+"$PY" tools/checkpoint/convert_to_hf.py --load "$RUNS/mosaic-v2/checkpoints" --output "$RUNS/mosaic-v2/hf" --overwrite
+
+step "samples through the Hugging Face model (cached decoding; temperature 0.8, top-k 40)"
+"$PY" tools/generate.py --load "$RUNS/mosaic-v2/hf" --prompt "ROMEO:" \
     --prompt "Now is the winter of our discontent" --max-new-tokens 60 --temperature 0.8 --top-k 40
 
 step "done in $((SECONDS - START)) s. Where things are:"
+echo "  mosaic-v2: Hugging Face model $RUNS/mosaic-v2/hf (AutoModelForCausalLM, trust_remote_code=True)"
 echo "  both models: per-position validation loss plot $RUNS/per_position_loss.png"
 for model in mosaic-v2 gpt; do
     echo "  $model: checkpoint  $RUNS/$model/checkpoints"

@@ -216,8 +216,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _check(args.seq_length % (2 * cp) == 0,
                f"--seq-length ({args.seq_length}) must be divisible by 2 x "
                f"--context-parallel-size ({cp})")
-        _check(args.model != "mosaic-v1", "--context-parallel-size > 1 is implemented for "
-                                          "--model mosaic-v2 and gpt, not mosaic-v1")
     _check(0.0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
     _check(args.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
     _check(args.lr_warmup_iters < args.lr_decay_iters or args.lr_decay_style == "constant"

@@ -230,8 +230,13 @@ class CheckpointMismatchError(ValueError):
 
 
 # Arguments that fix the shapes of the saved tensors: a checkpoint only loads if they agree.
-ARCHITECTURE_ARGS = ("model", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                     "padded_vocab_size", "persistent_memory_size", "disable_bias_linear")
+# Fields a model does not use (v1 has no SwiGLU, v2 and gpt no persistent-memory slots) are not compared.
+_COMMON_ARCHITECTURE_ARGS = ("model", "num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
+ARCHITECTURE_ARGS = {
+    "mosaic-v1": _COMMON_ARCHITECTURE_ARGS + ("persistent_memory_size", "disable_bias_linear"),
+    "mosaic-v2": _COMMON_ARCHITECTURE_ARGS + ("ffn_hidden_size",),
+    "gpt": _COMMON_ARCHITECTURE_ARGS + ("ffn_hidden_size",),
+}
 
 
 def check_checkpoint_matches(args: Any) -> None:
@@ -241,7 +246,7 @@ def check_checkpoint_matches(args: Any) -> None:
     except FileNotFoundError:
         return  # nothing saved yet: a fresh run that will save there
     diffs = [f"--{k.replace('_', '-')} {saved[k]} (checkpoint) vs {getattr(args, k)} (now)"
-             for k in ARCHITECTURE_ARGS if k in saved and saved[k] != getattr(args, k)]
+             for k in ARCHITECTURE_ARGS[args.model] if k in saved and saved[k] != getattr(args, k)]
     if diffs:
         raise CheckpointMismatchError(f"--load {args.load}: the checkpoint's model differs: "
                                       + "; ".join(diffs))

@@ -60,7 +60,27 @@ def initialize_distributed(args: argparse.Namespace) -> None:
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             context_parallel_size=args.context_parallel_size,
         )
+    else:
+        _check_existing_layout(args)
     set_random_seeds(args.seed)
+
+
+def _check_existing_layout(args: argparse.Namespace) -> None:
+    """An already-initialised parallel state (notebooks, tests) must match the arguments."""
+    have = {
+        "--tensor-model-parallel-size": parallel_state.get_tensor_model_parallel_world_size(),
+        "--pipeline-model-parallel-size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "--context-parallel-size": parallel_state.get_context_parallel_world_size(),
+    }
+    want = {
+        "--tensor-model-parallel-size": args.tensor_model_parallel_size,
+        "--pipeline-model-parallel-size": args.pipeline_model_parallel_size,
+        "--context-parallel-size": args.context_parallel_size,
+    }
+    wrong = [f"{name} {want[name]} (initialised: {have[name]})" for name in have if have[name] != want[name]]
+    if wrong:
+        raise RuntimeError("the Megatron parallel state is already initialised with another layout: "
+                           + ", ".join(wrong) + "; call parallel_state.destroy_model_parallel() first")
 
 
 def set_random_seeds(seed: int) -> None:

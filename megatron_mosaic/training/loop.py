@@ -129,7 +129,8 @@ def _run_schedule(args: argparse.Namespace, model: Sequence[torch.nn.Module],
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
         model=list(model) if len(model) > 1 else model[0],
         num_microbatches=num_microbatches(args),
-        seq_length=args.seq_length // args.context_parallel_size,
+        # The full length: megatron-core 0.16.1's get_tensor_shapes divides by the CP size itself.
+        seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
     )

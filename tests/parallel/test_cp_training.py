@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from tests.distributed import run_distributed
 from tests.training.common import run_training
 
-MODELS = ("mosaic-v2", "gpt")
+MODELS = ("mosaic-v1", "mosaic-v2", "gpt")
 RTOL = 1e-5
 
 
