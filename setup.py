@@ -27,8 +27,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "hf": ["transformers>=4.45", "safetensors"],
+        "hf": ["transformers>=5.0", "safetensors"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "transformers>=4.45", "safetensors", "tokenizers"],
+        "dev": ["pytest", "transformers>=5.0", "safetensors", "tokenizers"],
     },
 )

@@ -18,6 +18,8 @@ again, dq stays local, dk/dv go back to the rows' owners.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +164,20 @@ def _safe(lse: Tensor) -> Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+def _visible_blocks(tile: QueryTile, segments: list[Segment], doc_starts: Tensor,
+                    visibility: Visibility) -> Iterator[tuple[int, int, Tensor | None]]:
+    """The key blocks a query tile can see: (first row, end row) in the received rows and the
+    tile's mask over them (None when every pair is visible). Shared by forward and backward so
+    both walk exactly the same blocks."""
+    for seg in segments:
+        rng = _tile_key_range(tile, seg, visibility)
+        if rng is None:
+            continue
+        lo, hi, full = rng
+        a, b = seg.row + lo - seg.start, seg.row + hi + 1 - seg.start
+        yield a, b, (None if full else _tile_mask(tile, lo, hi, doc_starts, visibility))
+
+
 def forward_segments(
     q: Tensor, rows_k: Tensor, rows_v: Tensor, segments: list[Segment], tiles: list[QueryTile],
     doc_starts: Tensor, visibility: Visibility, out: Tensor, lse: Tensor,
@@ -170,13 +186,7 @@ def forward_segments(
     dt = out.dtype
     for tile in tiles:
         q_tile = q[:, :, tile.row0 : tile.row1].to(dt)
-        for seg in segments:
-            rng = _tile_key_range(tile, seg, visibility)
-            if rng is None:
-                continue
-            lo, hi, full = rng
-            a, b = seg.row + lo - seg.start, seg.row + hi + 1 - seg.start
-            mask = None if full else _tile_mask(tile, lo, hi, doc_starts, visibility)
+        for a, b, mask in _visible_blocks(tile, segments, doc_starts, visibility):
             scores = _scores(q_tile, rows_k[:, :, a:b].to(dt), mask)
             # One exp pass, in place: p = exp(s - rowmax); empty rows (max -inf) give p = 0.
             row_max = _safe(scores.amax(dim=-1))
@@ -211,14 +221,8 @@ def backward_segments(
         go = grad_out[:, :, r0:r1]
         lse_tile = _safe(lse[:, :, r0:r1])[..., None]
         delta_tile = delta[:, :, r0:r1, None]
-        for seg in segments:
-            rng = _tile_key_range(tile, seg, visibility)
-            if rng is None:
-                continue
-            lo, hi, full = rng
-            a, b = seg.row + lo - seg.start, seg.row + hi + 1 - seg.start
+        for a, b, mask in _visible_blocks(tile, segments, doc_starts, visibility):
             keys, vals = rows_k[:, :, a:b].to(dt), rows_v[:, :, a:b].to(dt)
-            mask = None if full else _tile_mask(tile, lo, hi, doc_starts, visibility)
             probs = _scores(q_tile, keys, mask).sub_(lse_tile).exp_()
             grad_v[:, :, a:b] += torch.matmul(probs.transpose(-1, -2), go)
             grad_scores = probs * (torch.matmul(go, vals.transpose(-1, -2)) - delta_tile)
