@@ -9,7 +9,6 @@ traceback.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -18,11 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_mosaic.training.initialize import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
@@ -54,7 +49,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """Spawn ``world_size`` gloo ranks running ``fn(rank, world_size, *args)``; return results by rank."""
     with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
+        port = free_port()
         try:
             mp.start_processes(
                 _worker, args=(world_size, port, out_dir, fn, args), nprocs=world_size,

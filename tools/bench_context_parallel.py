@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import tempfile
 import time
 import warnings
@@ -37,12 +36,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, cp: int, port: int, out_dir: str, args: argparse.Namespace, length: int) -> None:
@@ -94,8 +87,10 @@ def _rank_main(rank: int, cp: int, port: int, out_dir: str, args: argparse.Names
 
 
 def run_config(args: argparse.Namespace, length: int, cp: int) -> list[dict]:
+    from megatron_mosaic.training.initialize import free_port
+
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(cp, _free_port(), out_dir, args, length), nprocs=cp,
+        mp.start_processes(_rank_main, args=(cp, free_port(), out_dir, args, length), nprocs=cp,
                            join=True, start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(cp)]
 

@@ -9,11 +9,9 @@ into place on success.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,42 +88,6 @@ def read_hf_weights(hf_dir: str) -> dict[str, Tensor]:
     return tensors
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def single_rank_megatron(seed: int) -> Iterator[None]:
-    """A one-rank gloo group with Megatron's parallel state at TP=PP=1 (torn down afterwards if
-    this call created it). Does not touch the environment variables of the caller."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_mosaic.training import cuda_compat
-    from megatron_mosaic.training.initialize import set_random_seeds
-
-    if not torch.cuda.is_available():
-        cuda_compat.apply()
-    created_group = not dist.is_initialized()
-    if created_group:
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
-    elif dist.get_world_size() != 1:
-        raise RuntimeError("convert_from_hf runs in one process; a multi-rank process group is active")
-    created_parallel = not parallel_state.model_parallel_is_initialized()
-    if created_parallel:
-        parallel_state.initialize_model_parallel()
-    try:
-        set_random_seeds(seed)
-        yield
-    finally:
-        if created_parallel:
-            parallel_state.destroy_model_parallel()
-        if created_group:
-            dist.destroy_process_group()
-
-
 def _saved_run(hf_dir: str) -> tuple[dict[str, Any], int, int]:
     """(arguments, iteration, consumed samples) of the exported run, or ({}, 0, 0)."""
     path = os.path.join(hf_dir, ARGS_FILE)
@@ -148,6 +110,7 @@ def import_from_hf(hf_dir: str, save_dir: str, *, iteration: int | None = None, 
     from megatron_mosaic.model.official_v1 import load_mapped_state_dict, loadable_tensors
     from megatron_mosaic.training.arguments import args_to_dict, args_from_dict
     from megatron_mosaic.training.checkpointing import save_checkpoint
+    from megatron_mosaic.training.initialize import single_rank_megatron
     from megatron_mosaic.training.model_builder import build_model
 
     config = read_hf_config(hf_dir)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import socket
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,10 +22,37 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_rank_megatron(seed: int | None = None) -> Iterator[None]:
+    """A one-rank gloo group with Megatron's parallel state at TP=PP=1, for tools and in-process
+    tests that build Megatron modules without torchrun. Whatever this call created is torn down
+    on exit; the caller's environment variables are not touched."""
+    if not torch.cuda.is_available():
+        cuda_compat.apply()
+    created_group = not dist.is_initialized()
+    if created_group:
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    elif dist.get_world_size() != 1:
+        raise RuntimeError(f"single_rank_megatron: a {dist.get_world_size()}-rank process group is already active")
+    created_state = not parallel_state.model_parallel_is_initialized()
+    if created_state:
+        parallel_state.initialize_model_parallel()
+    try:
+        if seed is not None:
+            set_random_seeds(seed)
+        yield
+    finally:
+        if created_state:
+            parallel_state.destroy_model_parallel()
+        if created_group:
+            dist.destroy_process_group()
 
 
 def device() -> torch.device:
@@ -45,7 +74,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_mosaic.model import MosaicConfig, gpt_baseline_config
+from megatron_mosaic.training.initialize import single_rank_megatron  # noqa: F401  (re-exported for the tests)
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
 VOCAB, SEQ, BATCH = 64, 16, 2
@@ -23,29 +21,6 @@ def tiny_config(version: int, tp: int = 1, **overrides) -> MosaicConfig:
 
 def tiny_gpt_config(tp: int = 1):
     return gpt_baseline_config(tensor_model_parallel_size=tp, **TINY)
-
-
-@contextlib.contextmanager
-def single_rank_megatron():
-    """A 1-process gloo group and TP=PP=1 parallel state for in-process tests; whatever this
-    created is torn down on exit so other test modules find the process as they left it."""
-    created_group = created_state = False
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        created_group = True
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1)
-        created_state = True
-    try:
-        yield
-    finally:
-        if created_state:
-            parallel_state.destroy_model_parallel()
-        if created_group:
-            dist.destroy_process_group()
 
 
 def randomize_per_head_(model: torch.nn.Module, generator: torch.Generator) -> None:
