@@ -55,18 +55,32 @@ class Visibility:
         return visible[:, None]
 
 
-def _is_plain_shift(query_layout: SequenceLayout, key_layout: SequenceLayout) -> bool:
-    """Queries and keys are the same consecutive run of one document: the shifted-SDPA case."""
+def _is_consecutive_run(query_layout: SequenceLayout, key_layout: SequenceLayout) -> bool:
+    """Queries and keys are the same consecutive positions (any number of documents)."""
     qp, kp = query_layout.positions, key_layout.positions
     if qp.shape != kp.shape or qp.shape[1] == 0:
         return False
     offsets = torch.arange(qp.shape[1], device=qp.device)
-    return bool(
-        torch.equal(qp, kp)
-        and torch.equal(query_layout.doc_starts, key_layout.doc_starts)
-        and (qp == qp[:, :1] + offsets).all()
-        and (query_layout.doc_starts == query_layout.doc_starts[:, :1]).all()
+    return bool(torch.equal(qp, kp) and torch.equal(query_layout.doc_starts, key_layout.doc_starts)
+                and (qp == qp[:, :1] + offsets).all())
+
+
+def _is_plain_shift(query_layout: SequenceLayout, key_layout: SequenceLayout) -> bool:
+    """Queries and keys are the same consecutive run of one document: the shifted-SDPA case."""
+    return _is_consecutive_run(query_layout, key_layout) and bool(
+        (query_layout.doc_starts == query_layout.doc_starts[:, :1]).all()
     )
+
+
+def _band_blocks(length: int, width: int, min_block: int = 64) -> int:
+    """Number of query blocks (of max(width, min_block) rows) the banded path would use."""
+    return -(-length // max(width, min_block))
+
+
+# A windowed rule goes banded (O(T·window), blocks of max(window, 64) queries) only when the band
+# spans more than this many query blocks: below it one dense (T, T) band mask is cheaper on CPU
+# (tools/bench_layers.py).
+BANDED_MIN_BLOCKS = 4
 
 
 def _shifted_recall(q: Tensor, k: Tensor, v: Tensor, visibility: Visibility) -> Tensor:
@@ -81,34 +95,67 @@ def _shifted_recall(q: Tensor, k: Tensor, v: Tensor, visibility: Visibility) -> 
     # Shifted row j (query t = j + d) sees shifted keys i in [j - W + 1, j], W = w - d: never empty.
     if w is None or w - d >= L:
         y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=1.0)
+    elif _band_blocks(L, w - d) <= BANDED_MIN_BLOCKS:  # few blocks: one dense (L, L) band is cheaper
+        j = torch.arange(L, device=q.device)
+        band = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - (w - d))
+        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=1.0)
     else:
         y = _banded_causal(qs, ks, vs, w - d)
     return torch.cat([out[:, :, :d], y], dim=2)
 
 
-def _banded_causal(q: Tensor, k: Tensor, v: Tensor, width: int, min_block: int = 64) -> Tensor:
-    """Row j attends to keys [j - width + 1, j]: O(L·width), not O(L²).
+def _banded_causal(q: Tensor, k: Tensor, v: Tensor, width: int, q_docs: Tensor | None = None,
+                   k_docs: Tensor | None = None, min_block: int = 64) -> Tensor:
+    """Row j attends to keys [j - width + 1, j] of its own document: O(L·width), not O(L²).
 
+    q, k, v: (B, H, L, ·); q_docs, k_docs: (B, L) document ids (None: one document).
     Queries go in blocks of Bq; block n needs keys [n·Bq - width + 1, n·Bq + Bq - 1], a window of
-    Kw = Bq + width - 1 keys cut from front-padded keys with unfold. The band is the same (Bq, Kw)
-    bool pattern in every block; in block 0 the padding keys are masked out as well.
+    Kw = Bq + width - 1 keys cut from front-padded keys with unfold. Padding keys get document -1
+    and padding queries -2, so they match nothing. Rows with no visible key (a document's first
+    token) get every key and are zeroed afterwards, as in _masked_recall.
     """
     B, H, L, D = q.shape
     Dv = v.shape[-1]
+    if q_docs is None:
+        q_docs = k_docs = torch.zeros(B, L, dtype=torch.long, device=q.device)
     Bq = max(width, min_block)
-    nb = -(-L // Bq)
+    nb = _band_blocks(L, width, min_block)
     Kw = Bq + width - 1
     pad_end = nb * Bq - L
-    qb = F.pad(q, (0, 0, 0, pad_end)).reshape(B * H, nb, Bq, D)
-    kb = F.pad(k, (0, 0, width - 1, pad_end)).unfold(2, Kw, Bq).transpose(-1, -2).reshape(B * H, nb, Kw, D)
-    vb = F.pad(v, (0, 0, width - 1, pad_end)).unfold(2, Kw, Bq).transpose(-1, -2).reshape(B * H, nb, Kw, Dv)
+
+    def key_blocks(x: Tensor) -> Tensor:  # (B, H, L, ·) -> (B·nb, H, Kw, ·)
+        x = F.pad(x, (0, 0, width - 1, pad_end)).unfold(2, Kw, Bq).transpose(-1, -2)  # (B,H,nb,Kw,·)
+        return x.transpose(1, 2).reshape(B * nb, H, Kw, x.shape[-1])
+
+    qb = F.pad(q, (0, 0, 0, pad_end)).reshape(B, H, nb, Bq, D).transpose(1, 2).reshape(B * nb, H, Bq, D)
+    kb, vb = key_blocks(k), key_blocks(v)
+    qdoc = F.pad(q_docs, (0, pad_end), value=-2).view(B, nb, Bq)
+    kdoc = F.pad(k_docs, (width - 1, pad_end), value=-1).unfold(1, Kw, Bq)  # (B, nb, Kw)
     a = torch.arange(Bq, device=q.device)[:, None]
     c = torch.arange(Kw, device=q.device)[None, :]
-    band = (c >= a) & (c <= a + width - 1)
-    mask = band.expand(nb, Bq, Kw).clone()
-    mask[0] &= c >= width - 1
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=1.0)
-    return y.reshape(B, H, nb * Bq, Dv)[:, :, :L]
+    band = (c >= a) & (c <= a + width - 1)  # (Bq, Kw)
+    mask = band & (qdoc[..., :, None] == kdoc[..., None, :])  # (B, nb, Bq, Kw)
+    nonempty = mask.any(dim=-1, keepdim=True)
+    safe = (mask | ~nonempty).view(B * nb, 1, Bq, Kw)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=safe, scale=1.0)  # (B·nb, H, Bq, Dv)
+    y = y.view(B, nb, H, Bq, Dv).transpose(1, 2).reshape(B, H, nb * Bq, Dv)
+    y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return y[:, :, :L]
+
+
+def _banded_documents(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility: Visibility,
+                      min_block: int = 64) -> Tensor | None:
+    """A windowed rule over consecutive positions with document starts ``docs`` (B, T), banded
+    on the shifted rows (query t = j + delay sees keys j - W + 1 .. j, W = window - delay).
+    Returns None when the band spans too few blocks to pay off (the caller takes the dense mask).
+    """
+    T = q.shape[2]
+    d, w = visibility.delay, visibility.window
+    if w is None or d >= T or w <= d or _band_blocks(T - d, w - d, min_block) <= BANDED_MIN_BLOCKS:
+        return None
+    L = T - d
+    y = _banded_causal(q[:, :, d:], k[:, :, :L], v[:, :, :L], w - d, docs[:, d:], docs[:, :L], min_block)
+    return torch.cat([q.new_zeros(q.shape[0], q.shape[1], d, v.shape[-1]), y], dim=2)
 
 
 def _masked_recall(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, return_lse: bool):
@@ -146,7 +193,9 @@ def associative_recall(
     empty rows, so partial results over key blocks can be merged (context parallelism).
 
     Layouts must be given both or neither. Given layouts that describe one consecutive run of a
-    single document for both queries and keys also take the shifted fast path. return_lse uses an
+    single document for both queries and keys also take the shifted fast path; a windowed rule
+    over consecutive positions with several documents goes banded (no (Tq, Tk) mask) when the
+    band spans more than BANDED_MIN_BLOCKS query blocks. return_lse uses an
     explicit fp32 (Tq, Tk) score block (meant for context-parallel blocks); the output keeps the
     queries' dtype.
     """
@@ -182,6 +231,10 @@ def associative_recall(
         return (y, lse) if return_lse else y
     if query_layout is None:
         query_layout = key_layout = SequenceLayout.contiguous(B, Tq, device=queries.device)
+    if not return_lse and visibility.window is not None and _is_consecutive_run(query_layout, key_layout):
+        y = _banded_documents(queries, keys, values, query_layout.doc_starts, visibility)
+        if y is not None:
+            return y
     mask = visibility.mask(query_layout, key_layout)
     return _masked_recall(queries, keys, values, mask, return_lse)
 

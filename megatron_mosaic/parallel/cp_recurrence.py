@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..memory.scan import RecurrenceState, linear_recurrence
+from ..memory.scan import DEFAULT_CHUNK_SIZE, RecurrenceState, linear_recurrence
 from .comm import all_gather_stacked
 from .context_parallel import ChunkPlan
 
@@ -44,7 +44,7 @@ def cp_linear_recurrence(
     resets: Tensor | None,
     plan: ChunkPlan,
     group: dist.ProcessGroup | None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor, RecurrenceState]:
     """Context-parallel ``linear_recurrence`` over this rank's two load-balanced chunks.
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import memory
 from ..memory.layout import SequenceLayout
 from ..memory.retrieval import Visibility
-from ..memory.scan import RecurrenceState
+from ..memory.scan import DEFAULT_CHUNK_SIZE, RecurrenceState
 from .context_parallel import ChunkPlan, context_parallel_info
 from .cp_peek import cp_peek_values
 from .cp_recall import ring_associative_recall
@@ -42,7 +42,7 @@ def linear_recurrence(
     log_gain: Tensor | None = None,
     resets: Tensor | None = None,
     initial_state: RecurrenceState | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor, RecurrenceState]:
     """``memory.linear_recurrence``; under CP the scan state crosses ranks (prefix combine)."""

@@ -205,9 +205,44 @@ def test_banded_blocks_match_reference(L, width, min_block):
         assert_close(gf, gs, 1e-4, 1e-4, what="banded grad")
 
 
-def test_short_term_window_over_several_blocks():
+@pytest.mark.parametrize("T,banded", [(400, True), (150, False)])
+def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
+    from megatron_mosaic.memory import retrieval
+
+    calls = []
+    real = retrieval._banded_causal
+    monkeypatch.setattr(retrieval, "_banded_causal", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     gen = torch.Generator().manual_seed(11)
-    vis = Visibility(1, 20)  # width 19 < 64: blocks of 64 queries, T = 150 spans 3 of them
-    q, k, v = _qkv(1, 2, 150, 150, 4, gen, scale=2.0)
-    layout = SequenceLayout.contiguous(1, 150)
+    # width 19 < 64: blocks of 64 queries; T = 400 spans 7 (banded), T = 150 spans 3 (one dense band)
+    vis = Visibility(1, 20)
+    q, k, v = _qkv(1, 2, T, T, 4, gen, scale=2.0)
+    layout = SequenceLayout.contiguous(1, T)
     _check(q, k, v, vis, None, None, _ref_mask(vis, layout, layout), False, gen)
+    assert bool(calls) == banded
+
+
+@pytest.mark.parametrize("vis,T,min_block", [(Visibility(1, 20), 400, 64), (Visibility(1, 5), 60, 4),
+                                             (Visibility(3, 9), 61, 4), (Visibility(1, 2), 33, 3)], ids=str)
+def test_banded_documents_match_reference(vis, T, min_block, monkeypatch):
+    """Packed documents + a window: the banded path (no (T, T) mask) against the full reference."""
+    from megatron_mosaic.memory import retrieval
+
+    gen = torch.Generator().manual_seed(T + vis.window)
+    layout = random_layout(2, T, 0.05, gen)
+    q, k, v = _qkv(2, 2, T, T, 4, gen, scale=2.0)
+    mask = _ref_mask(vis, layout, layout)
+    assert (layout.doc_starts > 0).any(dim=1).all()  # several documents in every row
+    real = retrieval._banded_documents
+    taken = []
+
+    def banded(*args, **kwargs):
+        out = real(*args, **{**kwargs, "min_block": min_block})
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(retrieval, "_banded_documents", banded)
+    monkeypatch.setattr(Visibility, "mask", lambda *a: (_ for _ in ()).throw(AssertionError("dense mask built")))
+    y = _check(q, k, v, vis, layout, layout, mask, False, gen)
+    assert taken == [True]
+    empty = ~mask.any(dim=-1).expand_as(y[..., 0])
+    assert (y[empty] == 0).all()
