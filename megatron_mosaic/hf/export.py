@@ -40,7 +40,7 @@ MEMORY_PACKAGE_DIR = os.path.join(os.path.dirname(HF_PACKAGE_DIR), "memory")
 MODEL_CODE_FILES = ("configuration_memory_mosaic.py", "modeling_memory_mosaic.py", "cache_memory_mosaic.py")
 # The memory files the modeling file imports (flat, relatively); each may import only torch,
 # the standard library and its siblings.
-MEMORY_CODE_FILES = ("bandwidth.py", "layout.py", "retrieval.py", "scan.py", "values.py")
+MEMORY_CODE_FILES = ("bandwidth.py", "features.py", "layout.py", "retrieval.py", "scan.py", "values.py")
 TOKENIZER_CODE_FILE = "tokenization_memory_mosaic.py"
 ARGS_FILE = "megatron_args.json"
 AUTO_MAP = {

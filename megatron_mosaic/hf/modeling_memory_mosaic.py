@@ -42,8 +42,15 @@ except ModuleNotFoundError as error:  # inside the package: megatron_mosaic/hf/ 
         linear_recurrence,
         peek_values,
     )
+    from megatron_mosaic.memory.features import (
+        exp10_scale,
+        finish_values,
+        gated_unit_keys,
+        leaky_keys,
+    )
 else:
     from .bandwidth import adaptive_bandwidth
+    from .features import exp10_scale, finish_values, gated_unit_keys, leaky_keys
     from .layout import SequenceLayout
     from .retrieval import Visibility, associative_recall
     from .values import peek_values
@@ -59,11 +66,6 @@ def _merge_heads(x: Tensor) -> Tensor:
     """(B, H, T, D) -> (B, T, H·D)."""
     B, H, T, D = x.shape
     return x.transpose(1, 2).reshape(B, T, H * D)
-
-
-def _unit(x: Tensor, eps: float) -> Tensor:
-    """Norm(z) = z / (‖z‖ + eps) over the last dim."""
-    return x / (x.norm(dim=-1, keepdim=True) + eps)
 
 
 @dataclass
@@ -111,9 +113,8 @@ class LeakyKeyExtractor(nn.Module):
         raw = _split_heads(self.linear_key(x), self.num_heads).float()
         log_decay = -(10.0 * self.leak.float()).abs().view(1, -1, 1, 1)
         scaled, log_scale, final = linear_recurrence(raw, log_decay, None, resets, state)
-        averaged = scaled.float() * log_scale.exp()  # v1 gains are 1: the sum stays bounded
-        exponent = (self.scale_power * 10.0 * self.key_scale.float()).clamp(max=self.key_scale_max)
-        return (_unit(averaged, self.eps) * exponent.exp().view(1, -1, 1, 1)).to(x.dtype), final
+        keys = leaky_keys(scaled, log_scale, self.key_scale, self.scale_power, self.key_scale_max, self.eps)
+        return keys.to(x.dtype), final
 
 
 class GatedKeyExtractor(nn.Module):
@@ -122,7 +123,7 @@ class GatedKeyExtractor(nn.Module):
     def __init__(self, config: MemoryMosaicConfig):
         super().__init__()
         d, H = config.hidden_size, config.num_attention_heads
-        self.num_heads, self.eps = H, config.memory_norm_epsilon
+        self.num_heads = H
         self.linear_key = nn.Linear(d, d, bias=False)
         self.linear_gate = nn.Linear(d, H, bias=False)
         self.linear_decay = nn.Linear(d, H, bias=False)
@@ -133,11 +134,7 @@ class GatedKeyExtractor(nn.Module):
         log_gain = self.linear_gate(x).float().transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
         log_decay = -self.linear_decay(x).float().abs().transpose(1, 2).unsqueeze(-1)
         scaled, _, final = linear_recurrence(raw, log_decay, log_gain, resets, state)
-        # h_t = scaled_t · exp(log_scale_t), a positive factor per position: Norm(h) = Norm(scaled)
-        # (unbounded gains would overflow h itself). No eps, so any scale of `scaled` is exact.
-        scaled = scaled.float()
-        norm = scaled.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return (scaled / norm).to(x.dtype), final
+        return gated_unit_keys(scaled).to(x.dtype), final
 
 
 class ValueExtractor(nn.Module):
@@ -163,9 +160,7 @@ class ValueExtractor(nn.Module):
         """Final values (B, H, T, hs) in ``dtype`` from raw fp32 ṽ; the token after the last is
         ``next_value`` (then ``next_resets`` says whether it starts a document) or none."""
         mixed = peek_values(raw, self.mix.float().view(1, -1, 1, 1), resets, next_value, next_resets)
-        theta = self.value_scale.float()
-        scale = (10.0 * theta).exp() if self.version == 1 else theta.abs().clamp(max=15.0).exp()
-        return (_unit(mixed.float(), self.eps) * scale.view(1, -1, 1, 1)).to(dtype)
+        return finish_values(mixed, self.value_scale, self.version, self.eps).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +249,7 @@ class PersistentMemory(nn.Module):
         mk = self.memory_keys.to(keys.dtype).unsqueeze(0).expand(B, -1, -1, -1)
         mv = self.memory_values.to(keys.dtype).unsqueeze(0).expand(B, -1, -1, -1)
         y = F.scaled_dot_product_attention(keys, mk, mv, scale=1.0)
-        y = y * (10.0 * self.output_scale.float()).exp().view(1, -1, 1, 1).to(y.dtype)
+        y = y * exp10_scale(self.output_scale).to(y.dtype)
         return self.linear_proj(_merge_heads(y))
 
 

@@ -15,9 +15,10 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import Tensor
 
 from ..memory import SequenceLayout
+from ..memory.features import finish_values, gated_unit_keys, leaky_keys
 from ..parallel.dispatch import linear_recurrence, peek_values  # memory math, CP-aware when CP > 1
 from .config import MosaicConfig
-from .module import MosaicModule, split_heads, unit_norm
+from .module import MosaicModule, split_heads
 
 
 @dataclass
@@ -80,9 +81,8 @@ class LeakyKeyExtractor(MosaicModule):
         raw = split_heads(self.linear_key(x)[0], self.num_local_heads).float()
         decay = (10.0 * self.leak.float()).abs().view(1, -1, 1, 1)
         scaled, log_scale, _ = linear_recurrence(raw, log_decay=-decay, resets=_resets(layout))
-        averaged = scaled.float() * log_scale.exp()  # v1 gains are 1: the sum stays bounded
-        exponent = (self.scale_pow * 10.0 * self.key_scale.float()).clamp(max=self.config.v1_key_scale_max)
-        return (unit_norm(averaged) * exponent.exp().view(1, -1, 1, 1)).to(x.dtype)
+        keys = leaky_keys(scaled, log_scale, self.key_scale, self.scale_pow, self.config.v1_key_scale_max)
+        return keys.to(x.dtype)
 
 
 class GatedKeyExtractor(MosaicModule):
@@ -103,11 +103,7 @@ class GatedKeyExtractor(MosaicModule):
         log_gain = self.linear_gate(x)[0].float().permute(1, 2, 0).unsqueeze(-1)  # (b, H_local, s, 1)
         log_decay = -self.linear_decay(x)[0].float().abs().permute(1, 2, 0).unsqueeze(-1)
         scaled, _, _ = linear_recurrence(raw, log_decay=log_decay, log_gain=log_gain, resets=_resets(layout))
-        # h_t = scaled_t · exp(log_scale_t) with a positive per-position factor: Norm(h) = Norm(scaled),
-        # and clamping at the smallest normal float keeps any scale of `scaled` exact.
-        scaled = scaled.float()
-        norm = scaled.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return (scaled / norm).to(x.dtype)
+        return gated_unit_keys(scaled).to(x.dtype)
 
 
 class ValueExtractor(MosaicModule):
@@ -127,14 +123,8 @@ class ValueExtractor(MosaicModule):
         self.mix = self.per_head_parameter(torch.rand(heads))
         self.value_scale = self.per_head_parameter(torch.full((heads,), -0.05 if self.version == 1 else 0.0))
 
-    def scale(self) -> Tensor:
-        """Per-head output scale, (1, H_local, 1, 1) fp32."""
-        theta = self.value_scale.float()
-        scale = (10.0 * theta).exp() if self.version == 1 else theta.abs().clamp(max=15.0).exp()
-        return scale.view(1, -1, 1, 1)
-
     def forward(self, x: Tensor, layout: SequenceLayout) -> Tensor:
         """x [s, b, d] -> values (b, H_local, s, hs) in x's dtype."""
         raw = split_heads(self.linear_value(x)[0], self.num_local_heads).float()
         mixed = peek_values(raw, self.mix.float().view(1, -1, 1, 1), resets=_resets(layout))
-        return (unit_norm(mixed.float()) * self.scale()).to(x.dtype)
+        return finish_values(mixed, self.value_scale, self.version).to(x.dtype)

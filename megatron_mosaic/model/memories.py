@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..memory import SequenceLayout, Visibility, adaptive_bandwidth
+from ..memory.features import exp10_scale
 from ..parallel.dispatch import associative_recall  # CP ring when CP > 1
 from .config import MosaicConfig
 from .context import MemoryContext
@@ -72,7 +73,7 @@ class PersistentMemory(MosaicModule):
         slot_keys = self.memory_keys.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
         slot_values = self.memory_values.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
         y = F.scaled_dot_product_attention(keys, slot_keys, slot_values, scale=1.0)
-        y = y * (10.0 * self.output_scale.float()).exp().view(1, -1, 1, 1).to(y.dtype)
+        y = y * exp10_scale(self.output_scale).to(y.dtype)
         return self.linear_proj(merge_heads(y))[0]
 
 

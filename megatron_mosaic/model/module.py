@@ -90,11 +90,6 @@ def merge_heads(y: Tensor) -> Tensor:
     return y.permute(2, 0, 1, 3).reshape(s, b, h * hs)
 
 
-def unit_norm(x: Tensor, eps: float = 1e-10) -> Tensor:
-    """x / (‖x‖ + eps) over the last dim (the official code's Norm, eps 1e-10)."""
-    return x / (x.norm(dim=-1, keepdim=True) + eps)
-
-
 class MosaicNorm:
     """Builds the block norms: LayerNorm (bias iff ``add_bias_linear``, like the official
     nanoMosaics LayerNorm) or RMSNorm, from ``config.normalization``.

@@ -41,7 +41,7 @@ def test_exported_directory_layout(exported):
     files = set(os.listdir(exported["v2_tp2"]))
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "megatron_args.json",
             "configuration_memory_mosaic.py", "modeling_memory_mosaic.py", "cache_memory_mosaic.py", "scan.py",
-            "retrieval.py", "layout.py", "values.py", "bandwidth.py", "tokenizer.model",
+            "retrieval.py", "layout.py", "values.py", "bandwidth.py", "features.py", "tokenizer.model",
             "tokenization_memory_mosaic.py"} <= files
     index = json.load(open(os.path.join(exported["v2_tp2"], "model.safetensors.index.json")))
     shards = set(index["weight_map"].values())

@@ -1,0 +1,57 @@
+"""Per-head key and value feature formulas around the scans (spec sections 2-3).
+
+Shared by the Megatron layers (megatron_mosaic.model) and the exported Hugging Face model, so
+both compute exactly the same features. All inputs are fp32 (B, H, T, D) per-head tensors and
+(H,) per-head parameters; outputs are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def unit_norm(x: Tensor, eps: float = 1e-10) -> Tensor:
+    """Norm(z) = z / (‖z‖ + eps) over the last dim (the official code's Norm, eps 1e-10)."""
+    return x / (x.norm(dim=-1, keepdim=True) + eps)
+
+
+def leaky_keys(scaled: Tensor, log_scale: Tensor, key_scale: Tensor, scale_pow: int, key_scale_max: float,
+               eps: float = 1e-10) -> Tensor:
+    """v1 keys from the leaky-average scan: Norm(k̄) · exp(min(pow·10κ, key_scale_max)).
+
+    scaled, log_scale: the scan output (k̄ = scaled · exp(log_scale); v1 gains are 1, so k̄ stays
+    bounded and is materialized); key_scale κ: (H,). ``scale_pow`` is 1 for the contextual memory
+    (query and stored copies are both scaled) and 2 for the persistent memory.
+    """
+    averaged = scaled.float() * log_scale.exp()
+    exponent = (scale_pow * 10.0 * key_scale.float()).clamp(max=key_scale_max)
+    return unit_norm(averaged, eps) * exponent.exp().view(1, -1, 1, 1)
+
+
+def gated_unit_keys(scaled: Tensor) -> Tensor:
+    """v2 unit keys Norm(k̄) from the gated scan's ``scaled`` output.
+
+    k̄_t = scaled_t · exp(log_scale_t) with a positive factor per position, so Norm(k̄) =
+    Norm(scaled) (unbounded gains would overflow k̄ itself). No eps: clamping at the smallest
+    normal float keeps any scale of ``scaled`` exact.
+    """
+    scaled = scaled.float()
+    return scaled / scaled.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def exp10_scale(theta: Tensor) -> Tensor:
+    """v1 output scales exp(10θ) (values ν, persistent memory ν'): (1, H, 1, 1)."""
+    return (10.0 * theta.float()).exp().view(1, -1, 1, 1)
+
+
+def value_scale(theta: Tensor, version: int) -> Tensor:
+    """Per-head value scale, (1, H, 1, 1): v1 exp(10ν); v2 a_h = exp(min(|θ|, 15))."""
+    if version == 1:
+        return exp10_scale(theta)
+    return theta.float().abs().clamp(max=15.0).exp().view(1, -1, 1, 1)
+
+
+def finish_values(mixed: Tensor, theta: Tensor, version: int, eps: float = 1e-10) -> Tensor:
+    """Values from the peeked mix: Norm(c ṽ_t + (1-c) ṽ_{t+1}) · scale_h."""
+    return unit_norm(mixed.float(), eps) * value_scale(theta, version)
