@@ -144,6 +144,12 @@ def generation_config_for(eod: int | None):
     return GenerationConfig(eos_token_id=eod, bos_token_id=None, do_sample=False, max_new_tokens=64)
 
 
+def padded_token_ids(tokenizer_size: int, vocab_size: int) -> list[int] | None:
+    """Ids past the tokenizer that exist only because the vocabulary was padded (for TP and
+    alignment): a tokenizer cannot decode them, so generation must never emit them."""
+    return list(range(tokenizer_size, vocab_size)) if tokenizer_size < vocab_size else None
+
+
 def build_hf_tokenizer(args: Mapping[str, Any], tokenizer_model: str | None = None):
     """The training tokenizer of a checkpoint as a transformers tokenizer, or None if it has none.
 
@@ -247,6 +253,8 @@ def export_to_hf(
     args = checkpoint.args
     kind = model_kind(args)
     hf_tokenizer = build_hf_tokenizer(args, tokenizer_model) if tokenizer else None
+    if hf_tokenizer is not None:
+        model.generation_config.suppress_tokens = padded_token_ids(len(hf_tokenizer), model.config.vocab_size)
     with staged_directory(output_dir, overwrite) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if kind != GPT_MODEL:

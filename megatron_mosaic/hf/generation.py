@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .conversion import ConversionError
+from .export import build_hf_tokenizer, hf_model_from_checkpoint, padded_token_ids
 
 
 @dataclass
@@ -37,8 +38,6 @@ def load_for_generation(path: str, *, dtype: torch.dtype | None = None, tokenize
         elif os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         return model.eval(), tokenizer
-    from .export import build_hf_tokenizer, hf_model_from_checkpoint
-
     model, checkpoint = hf_model_from_checkpoint(path, dtype)
     return model.eval(), build_hf_tokenizer(checkpoint.args, tokenizer_model)
 
@@ -76,6 +75,8 @@ def generate_continuations(
             raise ValueError(f"prompt ids {ids} fall outside the vocabulary [0, {model.config.vocab_size})")
         sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None) if temperature > 0 else dict(
             do_sample=False, temperature=None, top_k=None, top_p=None)
+        if tokenizer is not None:  # padded-vocabulary ids have no text (HF dirs exported before this rule)
+            sampling["suppress_tokens"] = padded_token_ids(len(tokenizer), model.config.vocab_size)
         torch.manual_seed(seed)
         input_ids = torch.tensor([ids], device=model.device)
         start = time.perf_counter()

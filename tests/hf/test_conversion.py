@@ -166,3 +166,25 @@ def test_pretrain_continues_from_an_imported_checkpoint(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at iteration 7" in result.stdout
     assert f"iteration       8/8 | consumed samples        {CONSUMED + 2}" in result.stdout, result.stdout
+
+
+def test_generation_never_emits_padded_vocabulary_ids(exported):
+    """The vocabulary is padded past the tokenizer (TP/alignment); those ids have no text. Make
+    them win every argmax, and generation must still pick only decodable ids."""
+    from megatron_mosaic.hf.generation import generate_continuations, load_for_generation
+
+    model, tokenizer = load_for_generation(exported["v2_tp2"])
+    real, padded = len(tokenizer), model.config.vocab_size
+    assert real < padded, "the fixture must have a padded vocabulary for this test to mean anything"
+    config = json.load(open(os.path.join(exported["v2_tp2"], "generation_config.json")))
+    assert config["suppress_tokens"] == list(range(real, padded))
+    with torch.no_grad():
+        weight = model.lm_head.weight
+        weight[:real] *= 0.01
+        weight[real:] = 10.0 * weight[: padded - real]
+    prompt = tokenizer.encode("def forward", add_special_tokens=False)
+    logits = model(torch.tensor([prompt])).logits[0, -1]
+    assert logits.argmax().item() >= real, "setup: a padded id should be the unconstrained argmax"
+    (result,) = generate_continuations(model, tokenizer, ["def forward"], max_new_tokens=5)
+    assert result.new_ids and max(result.new_ids) < real
+    assert isinstance(result.text, str)
