@@ -1,0 +1,52 @@
+"""tools/make_eval_data.py: documents that tools/preprocess_data.py turns into training data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_mosaic.evaluation import read_documents
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = str(ROOT / "tools" / "make_eval_data.py")
+
+
+def run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nope", "--output", "x.jsonl", "--vocab-size", "100"], "unknown task 'nope'"),
+    (["recall", "--output", "x.jsonl"], "--vocab-size must be >= 32"),
+    (["recall", "--output", "x.jsonl", "--vocab-size", "100", "--num-docs", "0"], "--num-docs must be >= 1"),
+    (["lm", "--output", "x.jsonl", "--vocab-size", "100"], "task lm needs real text"),
+    (["lm", "--output", "x.jsonl", "--vocab-size", "100", "--text", "missing.jsonl"], "missing.jsonl"),
+])
+def test_bad_arguments_give_one_line(tmp_path, argv, message):
+    result = run(TOOL, *argv, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("make_eval_data: error:") and message in lines[0], result.stderr
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_generated_documents_preprocess_with_null_tokenizer(tmp_path):
+    out = tmp_path / "recall.jsonl"
+    result = run(TOOL, "recall", "--output", str(out), "--num-docs", "5", "--length", "30",
+                 "--vocab-size", "100", "--seed", "4")
+    assert result.returncode == 0, result.stderr
+    docs = list(read_documents(str(out)))
+    assert len(docs) == 5 and all(d.num_units == 30 for d in docs)
+    prefix = tmp_path / "recall"
+    result = run(str(ROOT / "tools" / "preprocess_data.py"), "--input", str(out), "--output-prefix", str(prefix),
+                 "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--append-eod", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix) + "_text_document")
+    assert len(dataset) == 5
+    for i, doc in enumerate(docs):
+        assert dataset[i].tolist() == [int(u) for u in doc.text.split()] + [100]  # EOD = N

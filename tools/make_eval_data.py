@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Write seeded in-context evaluation/training documents as JSON lines.
+
+    python tools/make_eval_data.py recall --output data/icl/recall.jsonl --seed 1 \
+        --num-docs 2000 --length 256 --vocab-size 2048
+
+Tasks: recall, fewshot, multidoc (needs --text), lm (needs --text). The ``ids`` format (default)
+writes whitespace-separated integer ids for ``--tokenizer-type NullTokenizer --vocab-size N``;
+``--format text`` writes words for any other tokenizer. Every line holds ``text`` (what
+tools/preprocess_data.py reads) and ``segments`` with the answer spans tools/evaluate.py scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without installing
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from megatron_mosaic.data.corpus import DataError  # noqa: E402
+from megatron_mosaic.evaluation import TASKS, SymbolVocab, TextSource, VocabError, generate_documents  # noqa: E402
+from megatron_mosaic.evaluation.documents import write_documents  # noqa: E402
+from tools._cli import cli_error  # noqa: E402
+
+PROG = "make_eval_data"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("task", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--output", required=True, help="JSON-lines file to write")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--num-docs", type=int, default=1000)
+    p.add_argument("--length", type=int, default=256, help="units per document (tokens in the ids format)")
+    p.add_argument("--format", choices=("ids", "text"), default="ids")
+    p.add_argument("--vocab-size", type=int, default=None, help="ids format: NullTokenizer's --vocab-size")
+    p.add_argument("--num-symbols", type=int, default=64, help="text format: key and value symbols per set")
+    p.add_argument("--text", nargs="+", default=None, help="real-text corpus for multidoc and lm (jsonl/txt)")
+    return p
+
+
+def progress(count: int, total: int, start: float) -> None:
+    if count == total or count % max(1, total // 10) == 0:
+        rate = count / max(time.perf_counter() - start, 1e-9)
+        print(f"  {count}/{total} documents ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.task not in TASKS:
+            raise VocabError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
+        vocab = SymbolVocab(args.format, args.vocab_size, args.num_symbols)
+        source = TextSource(args.text, vocab) if args.text and TASKS[args.task].needs_text else None
+        start = time.perf_counter()
+
+        def counted():
+            for i, doc in enumerate(generate_documents(args.task, vocab, args.length, args.num_docs,
+                                                       args.seed, source), 1):
+                yield doc
+                progress(i, args.num_docs, start)
+
+        count = write_documents(args.output, counted())
+    except (VocabError, DataError, OSError) as err:
+        return cli_error(PROG, err)
+    print(f"wrote {count} {args.task} documents of {args.length} units to {args.output} "
+          f"(format {args.format}, {vocab.num_symbols} symbols per set)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
