@@ -45,11 +45,22 @@ def exp10_scale(theta: Tensor) -> Tensor:
     return (10.0 * theta.float()).exp().view(1, -1, 1, 1)
 
 
+V2_VALUE_LOG_SCALE_MAX = 15.0
+"""v2 value scale bound: a_h = exp(clamp(θ, -15, 15)) stays within [e^-15, e^15]."""
+
+
 def value_scale(theta: Tensor, version: int) -> Tensor:
-    """Per-head value scale, (1, H, 1, 1): v1 exp(10ν); v2 a_h = exp(min(|θ|, 15))."""
+    """Per-head value scale, (1, H, 1, 1): v1 exp(10ν); v2 a_h = exp(clamp(θ, -15, 15)).
+
+    v2 starts at θ = 0 (a_h = 1) with gradient a_h·∂L/∂a_h, so it trains from its first step.
+    The earlier form exp(min(|θ|, 15)) had d|θ|/dθ = 0 at θ = 0: θ never left 0 (zero Adam
+    moments, and weight decay keeps an exact 0), so every v2 checkpoint and HF export made with
+    it holds θ = 0 exactly and loads with the same a_h = 1 under this form.
+    """
     if version == 1:
         return exp10_scale(theta)
-    return theta.float().abs().clamp(max=15.0).exp().view(1, -1, 1, 1)
+    bound = V2_VALUE_LOG_SCALE_MAX
+    return theta.float().clamp(-bound, bound).exp().view(1, -1, 1, 1)
 
 
 def finish_values(mixed: Tensor, theta: Tensor, version: int, eps: float = 1e-10) -> Tensor:

@@ -110,7 +110,8 @@ class ValueExtractor(MosaicModule):
     """Value: v_t = Norm(c_h ṽ_t + (1 - c_h) ṽ_{t+1}) · scale_h with ṽ = W_v x, c_h ~ U(0, 1).
 
     v1 (official): value_scale ν init -0.05, scale = exp(10ν).
-    v2 (paper):    value_scale θ init 0,     scale = exp(min(|θ|, 15)).
+    v2 (paper):    value_scale θ init 0,     scale = exp(clamp(θ, -15, 15)), so a_h starts at 1
+    and trains (see memory.features.value_scale for why old checkpoints are unaffected).
     """
 
     def __init__(self, config: MosaicConfig, linears: MemoryLinears, init_method: Callable, tp_group=None):

@@ -115,7 +115,7 @@ def v2_memory(x: Tensor, w: dict, p: str, H: int, doc: Tensor, delay: int, windo
 
     theta = w[f"{p}.value_extractor.value_scale"].to(f64)
     v = norm(peek(heads(linear(x, w, f"{p}.value_extractor.linear_value"), H), w[f"{p}.value_extractor.mix"], doc), 1e-10)
-    v = v * torch.exp(theta.abs().clamp(max=15)).view(1, H, 1, 1)
+    v = v * torch.exp(theta.clamp(-15, 15)).view(1, H, 1, 1)
 
     visible = (lag >= delay) & same_doc(doc)
     if window is not None:
