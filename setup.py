@@ -11,10 +11,13 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_mosaic", "megatron_mosaic.*"]),
     install_requires=[
-        # Pinned: a bare `torch` requirement can pull a multi-GB CUDA build.
-        "torch==2.13.0",
-        # 0.17+ needs Python 3.12; 0.16.x is the line we test against.
-        "megatron-core==0.16.1",
+        # Ranges for a user's own environment (a GPU box brings its own CUDA torch). `make`
+        # installs exactly requirements/lock.txt, CPU torch first: an unconstrained resolve of
+        # torch on a fresh machine pulls a multi-GB CUDA build.
+        "torch>=2.6",  # megatron-core 0.16's floor; FlexAttention and DCP as used here
+        # The CPU patches (training/cuda_compat.py) and the optimizer-fallback fixes are written
+        # against 0.16.1's call sites; 0.17 also needs Python 3.12.
+        "megatron-core>=0.16.1,<0.17",
         # megatron.core.dist_checkpointing imports psutil without declaring it.
         "psutil",
         "numpy",

@@ -23,7 +23,7 @@ from megatron_mosaic.training.initialize import free_port
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )
     # Two cores shared by up to four ranks: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)

@@ -55,6 +55,39 @@ def single_rank_megatron(seed: int | None = None) -> Iterator[None]:
             dist.destroy_process_group()
 
 
+def _user_set_omp_threads() -> bool:
+    """Whether OMP_NUM_THREADS comes from the user rather than torchrun's default.
+
+    torchrun exports OMP_NUM_THREADS=1 to its workers whenever its own environment lacks it, so
+    the worker cannot tell the two apart from its environment; torchrun's launch environment
+    (its /proc environ, fixed at exec) can. Where it cannot be read, the value is respected.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        return False
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ["OMP_NUM_THREADS"] != "1":
+        return True
+    try:
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+            return b"OMP_NUM_THREADS=" in f.read()
+    except OSError:
+        return True
+
+
+def configure_threads() -> str:
+    """torch intra-op threads = cores available to this process / ranks on this host (at least
+    1), unless the user set OMP_NUM_THREADS. Returns a line for the start-up log.
+
+    torch's default (every core, per process) oversubscribes a host running several ranks.
+    """
+    if _user_set_omp_threads():
+        return f"{torch.get_num_threads()} intra-op threads per rank (OMP_NUM_THREADS)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+    threads = max(1, cores // max(local_ranks, 1))
+    torch.set_num_threads(threads)
+    return f"{threads} intra-op threads per rank ({cores} cores / {local_ranks} local ranks)"
+
+
 def device() -> torch.device:
     """The device this rank computes on."""
     if torch.cuda.is_available():
@@ -91,6 +124,9 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         )
     else:
         _check_existing_layout(args)
+    threads = configure_threads()
+    if dist.get_rank() == 0:
+        print(f" {threads}", flush=True)
     set_random_seeds(args.seed)
 
 
