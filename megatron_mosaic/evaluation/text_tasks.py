@@ -36,13 +36,16 @@ class TextSource:
 
 
 def multidoc_document(rng: random.Random, vocab: SymbolVocab, length: int, source: TextSource,
-                      passage_units: int = 32, num_facts: int = 4) -> Document:
+                      passage_units: int | None = None, num_facts: int | None = None) -> Document:
     """Passages from random places of the corpus, ``# key value`` facts planted in some of them,
     then the questions ``? key value`` in random order (each value an answer).
 
     ``depth`` is the fact's position as a fraction of the context (0 = first unit), as in
     needle-in-a-haystack plots; ``length`` is the whole document's length in units.
     """
+    # Defaults scale down for short documents: 32-unit passages and 4 facts from 128 units up.
+    passage_units = passage_units or min(32, max(8, length // 8))
+    num_facts = num_facts or max(1, min(4, length // 32))
     questions = 3 * num_facts
     context = length - questions
     if num_facts < 1 or context < 3 * num_facts + passage_units:

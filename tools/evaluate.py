@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Score a checkpoint on an in-context task at one or more lengths (forward passes only).
+
+    python tools/evaluate.py --load CKPT_DIR|HF_DIR --task recall --seq-length 256 1024 2048 \
+        --num-docs 32 --output runs/eval/v2
+
+Works for Megatron checkpoints of every --model (mosaic-v1, mosaic-v2, gpt), saved at any
+TP/PP/CP layout, and for exported Hugging Face directories. Each answer is scored by argmax
+(exact match of its tokens) and log-likelihood; the per-position loss is recorded at every
+length. Lengths beyond the training length are scored, never refused: that degradation is
+what the table shows (Memory Mosaics have no positional encoding; the GPT baseline has RoPE).
+
+Documents are generated with the checkpoint's own vocabulary: NullTokenizer (or mock-data)
+checkpoints get integer ids, others get words through their tokenizer (lengths then
+approximate, never above the requested length). Evaluation runs on one process through the
+Hugging Face model; a checkpoint saved with context parallelism is merged, and its long
+contexts run unsplit here (no context-parallel evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without installing
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from tools._cli import cli_error  # noqa: E402
+
+PROG = "evaluate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_mosaic.evaluation.tasks import TASKS
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory or Hugging Face model directory")
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--seq-length", type=int, nargs="+", required=True, help="evaluation lengths in tokens")
+    p.add_argument("--num-docs", type=int, default=16, help="documents per length")
+    p.add_argument("--seed", type=int, default=4321, help="keep it apart from the training data's seed")
+    p.add_argument("--text", nargs="+", default=None, help="real-text corpus for multidoc and lm")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--name", default=None, help="model name in tables and plots (default: the --model)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer vocabulary, for an HF directory exported without megatron_args.json")
+    p.add_argument("--num-symbols", type=int, default=64, help="symbols per set for text-tokenizer models")
+    p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    return p
+
+
+def check(args: argparse.Namespace) -> Optional[str]:
+    if any(length < 8 for length in args.seq_length):
+        return f"--seq-length values must be >= 8, got {args.seq_length}"
+    if args.num_docs < 1 or args.batch_size < 1:
+        return "--num-docs and --batch-size must be >= 1"
+    if not os.path.isdir(args.load):
+        return f"--load {args.load}: no such directory"
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = check(args)
+    if problem:
+        return cli_error(PROG, problem)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from megatron_mosaic.data.corpus import DataError
+    from megatron_mosaic.evaluation import VocabError
+    from megatron_mosaic.evaluation.model_runner import load_model
+    from megatron_mosaic.evaluation.report import table, write_outputs
+    from megatron_mosaic.evaluation.run import evaluate_task
+    from megatron_mosaic.hf.conversion import ConversionError
+    from megatron_mosaic.hf.megatron_checkpoint import CheckpointError
+
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        loaded = load_model(args.load, args.vocab_size, args.num_symbols)
+        log(f"loaded {loaded.kind} from {args.load}: {loaded.parameters:,} parameters, "
+            f"training length {loaded.train_seq_length}, {loaded.vocab.fmt} format")
+        results = evaluate_task(loaded, args.task, args.seq_length, num_docs=args.num_docs, seed=args.seed,
+                                text=args.text, batch_size=args.batch_size, name=args.name or loaded.kind,
+                                log=log)
+    except (CheckpointError, ConversionError, VocabError, DataError, FileNotFoundError, ValueError) as err:
+        return cli_error(PROG, err)
+    print(table([results]))
+    if args.output:
+        for path in write_outputs([results], args.output, args.task):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
