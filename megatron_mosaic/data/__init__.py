@@ -1,6 +1,6 @@
 """Data side of megatron_mosaic: corpus -> tokenizer -> Megatron indexed dataset -> batches.
 
-- ``tokenizers``: one Tokenizer interface (SentencePiece, GPT-2 BPE, Hugging Face).
+- ``tokenizers``: one Tokenizer interface (SentencePiece, GPT-2 BPE, Hugging Face, NullTokenizer).
 - ``corpus``: reading JSON-lines / text corpora with file:line provenance.
 - ``sentences``: Punkt sentence splitting trained offline on the input.
 - ``preprocess``: ``tools/preprocess_data.py`` (text -> ``.bin/.idx``).

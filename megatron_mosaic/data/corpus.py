@@ -34,6 +34,7 @@ BAD_VALUE = "bad value"
 EMPTY_DOCUMENT = "empty document"
 INVALID_UTF8 = "invalid UTF-8"
 TOKENIZER_FAILURE = "tokenizer failure"
+INVALID_TOKEN_ID = "invalid token id"  # NullTokenizer text that is not ids in [0, --vocab-size)
 
 
 class DataError(ValueError):
@@ -141,7 +142,8 @@ def add_corpus_args(parser: argparse.ArgumentParser, json_keys_help: str) -> "ar
     group.add_argument("--json-keys", nargs="+", default=["text"], help=json_keys_help)
     group.add_argument("--skip-bad-lines", action="store_true",
                        help="Skip (and count, with a summary at the end) documents that are malformed "
-                            "JSON, lack a key, are empty, or are not UTF-8, instead of stopping at the "
+                            "JSON, lack a key, are empty, are not UTF-8, or (NullTokenizer) hold a word that is "
+                            "not a token id in range, instead of stopping at the "
                             "first one with an error naming its file and line.")
     return group
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from megatron_mosaic.data.corpus import (
     EMPTY_DOCUMENT,
+    INVALID_TOKEN_ID,
     TOKENIZER_FAILURE,
     DataError,
     DocumentError,
@@ -46,6 +47,7 @@ from megatron_mosaic.data.corpus import (
     iter_texts,
 )
 from megatron_mosaic.data.tokenizers import (
+    InvalidTokenIdError,
     TokenizerError,
     TokenizerSpec,
     add_tokenizer_args,
@@ -109,6 +111,9 @@ class Encoder:
             for sentence in sentences:
                 try:
                     sentence_ids = self.tokenizer.tokenize(sentence)
+                except InvalidTokenIdError as err:
+                    where = _token_location(raw, err.offset) if sentence is value else raw.where
+                    raise DocumentError(INVALID_TOKEN_ID, where, f"key {key!r}: {err}") from None
                 except Exception as err:  # e.g. lone surrogates from a JSON escape
                     raise DocumentError(TOKENIZER_FAILURE, raw.where, f"key {key!r}: {err}") from None
                 if sentence_ids:
@@ -131,6 +136,18 @@ class Encoder:
             except DocumentError as err:
                 out.append(err)
         return out
+
+
+def _token_location(raw: RawDocument, offset: int) -> str:
+    """``file:line`` of the character at ``offset`` of a whole document's text.
+
+    A text document is its raw bytes decoded unchanged, so counting newlines before the offset
+    gives the exact line in a multi-line .txt document; a JSON document is one line.
+    """
+    if raw.is_json:
+        return raw.where
+    text = raw.data.decode("utf-8")  # already decoded once without error by decode_document
+    return f"{raw.path}:{raw.line + text.count(chr(10), 0, offset)}"
 
 
 _WORKER_ENCODER: Optional[Encoder] = None
@@ -468,6 +485,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.vocab_size is not None and args.tokenizer_type != "NullTokenizer":
+        # Other kinds read their vocabulary from their files: ignoring the flag would hide a mistake.
+        raise DataError(f"--vocab-size applies to --tokenizer-type NullTokenizer only, not {args.tokenizer_type}")
     if args.workers < 1:
         raise DataError(f"--workers {args.workers}: must be at least 1")
     if args.partitions < 1:

@@ -12,6 +12,14 @@ import argparse
 import importlib.util
 from typing import Any, Optional, Sequence
 
+# Stdlib-only module: arguments still parse before torch/megatron are imported.
+from megatron_mosaic.data.tokenizers import (
+    EOD_TOKEN_HELP,
+    TOKENIZER_TYPE_HELP,
+    TOKENIZER_TYPES,
+    VOCAB_SIZE_HELP,
+)
+
 MODELS = ("mosaic-v1", "mosaic-v2", "gpt")
 
 
@@ -92,12 +100,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{split}-data-path", nargs="*", default=None,
                        help=f"{split} split prefixes (optionally weighted), instead of --data-path")
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of --data-path")
-    g.add_argument("--tokenizer-type", default=None)
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES, help=TOKENIZER_TYPE_HELP)
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or HF tokenizer dir")
     g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
+    g.add_argument("--eod-token", default=None, metavar="TOKEN", help=EOD_TOKEN_HELP)
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
-    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --mock-data")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help=VOCAB_SIZE_HELP + " Without --tokenizer-type: the vocabulary of --mock-data.")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP size (Megatron-LM)")
     g.add_argument("--data-cache-path", default=None)
@@ -243,8 +253,41 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     else:
         _check(args.vocab_size is not None or args.tokenizer_type is not None,
                "--mock-data needs --vocab-size (or a --tokenizer-type)")
+    _check_tokenizer_args(args)
     _check_fp8_and_te(args)
     return args
+
+
+def _check_tokenizer_args(args: argparse.Namespace) -> None:
+    """Flags that belong to one tokenizer kind; the files themselves are checked when it is built."""
+    kind = args.tokenizer_type
+    if kind == "NullTokenizer":
+        _check(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size N "
+                                            "(token ids are 0..N-1; N is the EOD id)")
+        _check(args.vocab_size >= 1, f"--vocab-size must be >= 1, got {args.vocab_size}")
+    elif kind is not None:
+        # Ignoring it would train a vocabulary other than the one the user named.
+        _check(args.vocab_size is None, f"--vocab-size is NullTokenizer's (or --mock-data's without "
+                                        f"--tokenizer-type); --tokenizer-type {kind} takes its "
+                                        f"vocabulary from its files")
+    elif args.vocab_size is not None:
+        _check(args.vocab_size >= 1, f"--vocab-size must be >= 1, got {args.vocab_size}")
+    if args.eod_token is not None:
+        _check(kind == "HuggingFaceTokenizer", "--eod-token applies to --tokenizer-type "
+                                               "HuggingFaceTokenizer only")
+    if kind is not None:
+        _check_tokenizer_builds(args)
+
+
+def _check_tokenizer_builds(args: argparse.Namespace) -> None:
+    """Load the tokenizer once here (last, after the cheap checks), so a missing file or an
+    --eod-token outside the vocabulary is one argument error before any process group exists."""
+    from megatron_mosaic.data.tokenizers import TokenizerError, build_tokenizer
+
+    try:
+        build_tokenizer(args)
+    except TokenizerError as err:
+        raise ArgumentError(str(err)) from None
 
 
 def _check_fp8_and_te(args: argparse.Namespace) -> None:

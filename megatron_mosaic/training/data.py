@@ -26,11 +26,7 @@ def build_data(args: argparse.Namespace) -> DataSources:
     train_samples = max(args.train_iters, 1) * args.global_batch_size
     valid_samples = max(args.eval_iters, args.per_position_eval_iters, 1) * args.global_batch_size
     if args.mock_data:
-        vocab = args.vocab_size
-        return DataSources(
-            train=SyntheticDataset(train_samples, args.seq_length, vocab, seed=args.seed),
-            valid=SyntheticDataset(valid_samples, args.seq_length, vocab, seed=args.seed + 1),
-            vocab_size=vocab, eod_token_id=None)
+        return _mock_data(args, train_samples, valid_samples)
     from megatron_mosaic.data.datasets import build_train_valid_test_datasets
     from megatron_mosaic.data.tokenizers import build_tokenizer
 
@@ -41,6 +37,21 @@ def build_data(args: argparse.Namespace) -> DataSources:
         raise ValueError(f"--split {args.split} leaves no training data")
     return DataSources(train=train, valid=valid, vocab_size=tokenizer.vocab_size,
                        eod_token_id=tokenizer.eod)
+
+
+def _mock_data(args: argparse.Namespace, train_samples: int, valid_samples: int) -> DataSources:
+    """Synthetic tokens over --vocab-size ids, or over the --tokenizer-type's vocabulary with its
+    EOD splitting documents (as Megatron-LM's mock data uses the tokenizer when one is named)."""
+    vocab, eod = args.vocab_size, None
+    if args.tokenizer_type is not None:
+        from megatron_mosaic.data.tokenizers import build_tokenizer
+
+        tokenizer = build_tokenizer(args)
+        vocab, eod = tokenizer.vocab_size, tokenizer.eod
+    return DataSources(
+        train=SyntheticDataset(train_samples, args.seq_length, vocab, seed=args.seed, eod_token_id=eod),
+        valid=SyntheticDataset(valid_samples, args.seq_length, vocab, seed=args.seed + 1, eod_token_id=eod),
+        vocab_size=vocab, eod_token_id=eod)
 
 
 def make_iterators(args: argparse.Namespace, dataset: Any, start_sample: int, num_chunks: int,

@@ -33,6 +33,25 @@ def make_documents(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
+def make_id_documents(n: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Pre-tokenized documents for NullTokenizer: each a short random pattern of ids repeated, so
+    a model can learn them in context; the extreme ids 0 and ``vocab_size - 1`` occur."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        pattern = [rng.randrange(vocab_size) for _ in range(rng.randint(2, 9))]
+        docs.append((pattern * 40)[:rng.randint(5, 120)])
+    docs[0][0], docs[-1][-1] = 0, vocab_size - 1
+    return docs
+
+
+def id_text(ids: list[int], seed: int = 0) -> str:
+    """The ids as NullTokenizer text, separated by varied whitespace (spaces, tabs, newlines)."""
+    rng = random.Random(seed)
+    separators = [" ", " ", "  ", "\t", "\n"]
+    return "".join(str(i) + rng.choice(separators) for i in ids).rstrip()
+
+
 @pytest.fixture(scope="session")
 def documents() -> list[str]:
     return make_documents(60, seed=1)
@@ -85,6 +104,28 @@ def hf_dir(tmp_path_factory, documents) -> str:
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                             pad_token="<pad>").save_pretrained(out)
     return out
+
+
+# The end-of-text entry of the tokenizer.json-only directory, which declares no eos_token.
+JSON_ONLY_EOD = "<|end|>"
+
+
+@pytest.fixture(scope="session")
+def hf_json_only_dir(tmp_path_factory, documents) -> str:
+    """A directory holding only tokenizer.json (as `tokenizers` saves it): no tokenizer_config.json,
+    so nothing says which entry is the EOS; ``JSON_ONLY_EOD`` is a special token of its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|pad|>", JSON_ONLY_EOD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(documents, trainer)
+    out = tmp_path_factory.mktemp("hf_json_only")
+    tok.save(str(out / "tokenizer.json"))
+    assert os.listdir(out) == ["tokenizer.json"]
+    return str(out)
 
 
 @pytest.fixture(scope="session")

@@ -151,3 +151,71 @@ def test_bad_line_in_a_partition(tmp_path, tokenizer_args, capsys):
                     + tokenizer_args["SentencePieceTokenizer"], capsys)
     assert code == 1 and f"{data}:7: missing key" in err
     assert os.listdir(out) == []
+
+
+NULL_TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b'{"text": "4 5 six 7"}', "invalid token id: key 'text': 'six' is not a token id"),
+    (b'{"text": "4 5 100"}', "invalid token id: key 'text': token id 100 is outside [0, 100) (--vocab-size 100; "
+                             "100 is the EOD id)"),
+    (b'{"text": "-1 3"}', "invalid token id: key 'text': '-1' is not a token id"),
+])
+def test_null_tokenizer_bad_id_names_file_and_line(tmp_path, capsys, bad, message):
+    good = [json.dumps({"text": t}).encode() for t in ("1 2 3", "4 5 6")]
+    data = write_lines(tmp_path / "in.jsonl", [good[0], bad, good[1]])
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run(["--input", data, "--output-prefix", out / "ds", "--workers", "2"] + NULL_TOKENIZER, capsys)
+    assert code == 1
+    assert f"error: {data}:2: {message}" in err, err
+    assert "Traceback" not in err
+    assert os.listdir(out) == []
+
+
+def test_null_tokenizer_bad_id_in_a_text_file_names_its_line(tmp_path, capsys):
+    """A .txt document spans lines: the error names the line of the bad word, not the first."""
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2 3\n4 5\n6 7 8.5 9\n10\n")
+    code, err = run(["--input", path, "--output-prefix", tmp_path / "ds"] + NULL_TOKENIZER, capsys)
+    assert code == 1 and f"{path}:3: invalid token id: key 'text': '8.5' is not a token id" in err, err
+    blocks = tmp_path / "blocks.txt"
+    blocks.write_text("1 2\n3\n\n4\n5 x\n")
+    code, err = run(["--input", blocks, "--txt-mode", "blank-lines", "--output-prefix", tmp_path / "ds"]
+                    + NULL_TOKENIZER, capsys)
+    assert code == 1 and f"{blocks}:5: invalid token id: key 'text': 'x' is not a token id" in err, err
+
+
+def test_null_tokenizer_skip_bad_lines_counts_bad_ids(tmp_path, capsys):
+    lines = [json.dumps({"text": t}).encode() for t in ("1 2", "3 x", "4 5", "6 200", "7")]
+    data = write_lines(tmp_path / "in.jsonl", lines)
+    code = preprocess.main(["--input", data, "--output-prefix", str(tmp_path / "ds"), "--skip-bad-lines",
+                            "--append-eod"] + NULL_TOKENIZER)
+    assert code == 0
+    assert [d[0].tolist() for d in read_dataset(f"{tmp_path}/ds_text_document")] == [[1, 2, 100], [4, 5, 100], [7, 100]]
+    assert f"2 x invalid token id (first: {data}:2: invalid token id: key 'text': 'x'" in capsys.readouterr().out
+
+
+def _only_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err  # one clear line, no traceback
+    return lines[0]
+
+
+def test_tokenizer_option_errors_are_one_line(tmp_path, corpus_jsonl, hf_json_only_dir, capsys):
+    base = ["--input", corpus_jsonl, "--output-prefix", tmp_path / "ds"]
+    code, err = run(base + ["--tokenizer-type", "NullTokenizer"], capsys)
+    assert code == 1 and _only_error_line(err) == (
+        "error: --tokenizer-type NullTokenizer needs --vocab-size N (token ids are 0..N-1; N is the EOD id)")
+    hf = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_json_only_dir]
+    code, err = run(base + hf, capsys)
+    assert code == 1 and _only_error_line(err).endswith(
+        "the tokenizer has no eos_token, which is the EOD token; name its end-of-document token with --eod-token TOKEN")
+    code, err = run(base + hf + ["--eod-token", "<eos>"], capsys)
+    assert code == 1 and _only_error_line(err) == (
+        f"error: --eod-token '<eos>': not in the vocabulary of --tokenizer-model {hf_json_only_dir}")
+    code, err = run(base + hf + ["--vocab-size", "100"], capsys)
+    assert code == 1 and _only_error_line(err) == (
+        "error: --vocab-size applies to --tokenizer-type NullTokenizer only, not HuggingFaceTokenizer")
+    assert [f for f in os.listdir(tmp_path) if f.startswith("ds")] == []

@@ -10,6 +10,7 @@ import pytest
 
 from megatron_mosaic.data import preprocess
 from megatron_mosaic.data.tokenizers import TokenizerSpec, build_tokenizer
+from tests.data.conftest import JSON_ONLY_EOD, id_text, make_id_documents, write_jsonl
 
 TYPES = ["SentencePieceTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer"]
 
@@ -142,6 +143,38 @@ def test_progress_log_reports_rates(tmp_path, corpus_jsonl, tokenizer_args, caps
     lines = [l for l in captured.err.splitlines() if l.startswith("Processed")]
     assert len(lines) == 3 and all("docs/s" in l and "MB/s" in l for l in lines)
     assert "Processed 60 documents" in captured.out and "MB/s" in captured.out
+
+
+def test_null_tokenizer_round_trip(tmp_path):
+    """NullTokenizer: the .bin holds exactly the text's ids, then EOD = --vocab-size."""
+    vocab = 300  # ids past 255: a uint8 would truncate them
+    docs = make_id_documents(50, vocab, seed=3)
+    data = write_jsonl(str(tmp_path / "ids.jsonl"), [id_text(d, seed=i) for i, d in enumerate(docs)])
+    assert run(["--input", data, "--output-prefix", tmp_path / "out", "--append-eod", "--workers", "2",
+                "--tokenizer-type", "NullTokenizer", "--vocab-size", vocab]) == 0
+    got = read_dataset(f"{tmp_path}/out_text_document")
+    assert [d[0].tolist() for d in got] == [ids + [vocab] for ids in docs]
+    assert all(len(d) == 1 for d in got)
+
+    # Plain text: one document per blank-line-separated block, ids across several lines.
+    (tmp_path / "ids.txt").write_text("\n\n".join(id_text(d, seed=i) for i, d in enumerate(docs[:5])) + "\n")
+    assert run(["--input", tmp_path / "ids.txt", "--txt-mode", "blank-lines", "--output-prefix", tmp_path / "txt",
+                "--append-eod", "--tokenizer-type", "NullTokenizer", "--vocab-size", vocab]) == 0
+    assert [d[0].tolist() for d in read_dataset(f"{tmp_path}/txt_text_document")] == [ids + [vocab] for ids in docs[:5]]
+
+
+def test_tokenizer_json_only_directory_with_eod_token(tmp_path, corpus_jsonl, documents, hf_json_only_dir):
+    from tokenizers import Tokenizer
+
+    argv = ["--input", corpus_jsonl, "--output-prefix", tmp_path / "out", "--append-eod", "--workers", "2",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_json_only_dir,
+            "--eod-token", JSON_ONLY_EOD]
+    assert run(argv) == 0
+    reference = Tokenizer.from_file(f"{hf_json_only_dir}/tokenizer.json")
+    eod = reference.token_to_id(JSON_ONLY_EOD)
+    got = read_dataset(f"{tmp_path}/out_text_document")
+    assert [d[0].tolist() for d in got] == [reference.encode(t, add_special_tokens=False).ids + [eod]
+                                            for t in documents]
 
 
 def test_help_documents_inputs_and_punkt(capsys):
