@@ -8,7 +8,8 @@ rank holding two non-adjacent chunks of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,11 +23,20 @@ class SequenceLayout:
     doc_starts:   (B, T) int64, global position at which that token's document starts
                   (all zeros when there is one document per sequence / no document masking).
     total_length: number of tokens in the full, unsplit sequence.
+
+    The per-batch facts the fast paths branch on (``single_document``, ``consecutive``,
+    ``uniform_documents``) are Python values: given at construction where they are known
+    without looking at the data (``contiguous``, ``from_tokens``' consecutive positions), else
+    computed on first use with one host sync and cached, so the layers of a micro-batch share
+    one sync instead of paying one each. The facts never change the math, only the path.
     """
 
     positions: Tensor
     doc_starts: Tensor
     total_length: int
+    known_single_document: Optional[bool] = field(default=None, compare=False, repr=False)
+    known_consecutive: Optional[bool] = field(default=None, compare=False, repr=False)
+    known_uniform_documents: Optional[bool] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Shape/dtype checks only: value checks would force a device sync on every layer call.
@@ -60,7 +70,8 @@ class SequenceLayout:
     def contiguous(batch_size: int, seq_len: int, device: torch.device | str | None = None) -> "SequenceLayout":
         """One document per sequence, positions 0..seq_len-1."""
         positions = torch.arange(seq_len, dtype=torch.int64, device=device).expand(batch_size, seq_len)
-        return SequenceLayout(positions.contiguous(), torch.zeros_like(positions), seq_len)
+        return SequenceLayout(positions.contiguous(), torch.zeros_like(positions), seq_len,
+                              known_single_document=True, known_consecutive=True, known_uniform_documents=True)
 
     @staticmethod
     def from_tokens(tokens: Tensor, eod_token: int) -> "SequenceLayout":
@@ -77,7 +88,15 @@ class SequenceLayout:
         starts[:, 1:] = tokens[:, :-1] == eod_token
         # A token's document start is the latest start at or before it: a running max.
         doc_starts = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
-        return SequenceLayout(positions.contiguous(), doc_starts, seq_len)
+        return SequenceLayout(positions.contiguous(), doc_starts, seq_len, known_consecutive=True)
+
+    def _fact(self, name: str, compute) -> bool:
+        """A cached Python fact: the known value, else ``compute()`` once (one host sync)."""
+        value = getattr(self, name)
+        if value is None:
+            value = bool(compute())
+            object.__setattr__(self, name, value)  # frozen dataclass: cache, not a field change
+        return value
 
     @property
     def resets(self) -> Tensor:
@@ -91,13 +110,42 @@ class SequenceLayout:
         Implemented as "every token here belongs to the document starting at 0", which is the
         same thing for a whole sequence and the conservative answer for a context-parallel chunk.
         """
-        return not bool(self.doc_starts.any())
+        return self._fact("known_single_document", lambda: not self.doc_starts.any())
+
+    @property
+    def consecutive(self) -> bool:
+        """True when each row holds a run of consecutive global positions t0, t0+1, ..."""
+        def compute() -> bool:
+            p = self.positions
+            if p.shape[1] == 0:
+                return False
+            offsets = torch.arange(p.shape[1], device=p.device)
+            return bool((p == p[:, :1] + offsets).all())
+        return self._fact("known_consecutive", compute)
+
+    @property
+    def uniform_documents(self) -> bool:
+        """True when, in every row, all tokens held belong to one document (not necessarily
+        the one starting at 0); implied by ``single_document``."""
+        if self.known_single_document:
+            return True
+        return self._fact("known_uniform_documents",
+                          lambda: (self.doc_starts == self.doc_starts[:, :1]).all())
+
+    def to(self, device: torch.device | str) -> "SequenceLayout":
+        """The same layout (facts included) on ``device``."""
+        return SequenceLayout(self.positions.to(device), self.doc_starts.to(device), self.total_length,
+                              self.known_single_document, self.known_consecutive, self.known_uniform_documents)
 
     def index_select(self, index: Tensor) -> "SequenceLayout":
         """The layout of the tokens at local indices ``index`` (1-D, along T); total_length kept."""
         if index.dim() != 1:
             raise ValueError(f"index_select: index must be 1-D, got shape {tuple(index.shape)}")
         index = index.to(self.positions.device)
+        # A subset of a single-document / one-document row is one too; anything else is data.
+        single = True if self.known_single_document else None
+        uniform = True if self.known_single_document or self.known_uniform_documents else None
         return SequenceLayout(
-            self.positions.index_select(1, index), self.doc_starts.index_select(1, index), self.total_length
+            self.positions.index_select(1, index), self.doc_starts.index_select(1, index), self.total_length,
+            known_single_document=single, known_uniform_documents=uniform,
         )

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..memory import SequenceLayout
 from ..parallel.dispatch import context_parallel_size
+from .module import param_device
 from .specs import get_gpt_baseline_layer_spec
 
 
@@ -48,9 +49,9 @@ class LocalRotaryEmbedding(RotaryEmbedding):
     buffer that follows ``module.to(device)`` (upstream moves them to
     ``torch.cuda.current_device()``), and the context-parallel slice needs no pinned memory."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, device: Optional[torch.device] = None, **kwargs: Any):
         super().__init__(*args, **{**kwargs, "use_cpu_initialization": True})
-        inv_freq = self.inv_freq
+        inv_freq = self.inv_freq.to(device)  # created on the parameters' device, not forced to the CPU
         del self.inv_freq
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -100,7 +101,7 @@ class GPTBaseline(GPTModel):
         super().__init__(*args, rotary_base=rotary_base, **kwargs)
         self.rotary_pos_emb = LocalRotaryEmbedding(
             kv_channels=self.config.kv_channels, rotary_percent=1.0, rotary_interleaved=self.config.rotary_interleaved,
-            rotary_base=rotary_base, cp_group=self.pg_collection.cp,
+            rotary_base=rotary_base, cp_group=self.pg_collection.cp, device=param_device(self.config),
         )
         self.eod_token_id = eod_token_id
         self.document_masking = document_masking

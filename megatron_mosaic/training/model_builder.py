@@ -24,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mosaic.training.arguments import args_from_dict
+from megatron_mosaic.training.initialize import device as compute_device
 
 
 def _as_namespace(args: Union[argparse.Namespace, dict[str, Any]]) -> argparse.Namespace:
@@ -111,11 +112,15 @@ def _build_chunk(args: argparse.Namespace, config: TransformerConfig, vp_stage: 
                        vp_stage=vp_stage, eod_token_id=eod, layer_spec=spec)
 
 
-def build_model(args: Union[argparse.Namespace, dict[str, Any]]) -> list[MegatronModule]:
-    """This rank's model chunks, unwrapped (parallel_state must be initialised).
+def build_model(args: Union[argparse.Namespace, dict[str, Any]],
+                device: Union[torch.device, str, None] = None) -> list[MegatronModule]:
+    """This rank's model chunks, unwrapped, on ``device`` (None: the current CUDA device when
+    there is one, as Megatron-LM's ``get_model``, else the CPU); parallel_state must be initialised.
 
     ``args`` needs ``padded_vocab_size`` (set by ``pretrain_mosaic.py`` from the tokenizer and
     saved in every checkpoint) and optionally ``eod_token_id`` for document masking.
+    With ``--use-cpu-initialization`` the weights are drawn on the CPU and moved here, so DDP's
+    buffers, the data and the weights share one device.
     """
     args = _as_namespace(args)
     if getattr(args, "padded_vocab_size", None) is None:
@@ -124,7 +129,8 @@ def build_model(args: Union[argparse.Namespace, dict[str, Any]]) -> list[Megatro
     config = transformer_config_from_args(args)
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = list(range(vp_size)) if vp_size and vp_size > 1 else [None]
-    return [_build_chunk(args, config, vp) for vp in stages]
+    device = compute_device() if device is None else torch.device(device)
+    return [_build_chunk(args, config, vp).to(device) for vp in stages]
 
 
 def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:

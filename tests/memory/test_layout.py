@@ -53,3 +53,26 @@ def test_bad_input_errors():
                                                   torch.zeros(1, 3, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="tokens"):
         SequenceLayout.from_tokens(torch.zeros(3, dtype=torch.int64), EOD)
+
+
+@pytest.mark.parametrize("eod_prob", [0.0, 0.2])
+def test_facts_are_cached_python_values_matching_the_data(eod_prob):
+    gen = torch.Generator().manual_seed(7)
+    layout = SequenceLayout.from_tokens(random_tokens(2, 24, eod_prob, gen), EOD)
+    assert layout.known_consecutive is True  # known without looking at the data
+    assert layout.known_single_document is None  # data: computed on first use ...
+    single = layout.single_document
+    assert layout.known_single_document is single  # ... then cached for every later layer
+    assert single == bool((layout.doc_starts == 0).all())
+    assert layout.uniform_documents == bool((layout.doc_starts == layout.doc_starts[:, :1]).all())
+    moved = layout.to("meta")  # facts travel with the layout, so no sync is needed there
+    assert moved.positions.is_meta and moved.single_document is single and moved.consecutive
+
+
+def test_index_select_facts():
+    contiguous = SequenceLayout.contiguous(1, 6)
+    assert contiguous.index_select(torch.tensor([0, 1, 4, 5])).known_single_document is True
+    shuffled = contiguous.index_select(torch.tensor([0, 1, 4, 5]))
+    assert not shuffled.consecutive
+    later = SequenceLayout.from_tokens(torch.tensor([[1, EOD, 3, 4]]), EOD).index_select(torch.tensor([2, 3]))
+    assert later.consecutive and later.uniform_documents and not later.single_document
