@@ -131,6 +131,9 @@ def _add_checkpoint_and_logging_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--per-position-eval-iters", type=int, default=None,
                    help="batches for the final per-position validation loss; default --eval-iters; "
                         "0 skips it")
+    e.add_argument("--eval-seq-length", type=int, default=None,
+                   help="sequence length of the final per-position validation pass (default "
+                        "--seq-length); longer shows in-context learning beyond the training length")
     e.add_argument("--log-interval", type=int, default=10)
     e.add_argument("--tensorboard-dir", default=None)
     e.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
@@ -164,6 +167,8 @@ def _derive(args: argparse.Namespace, world_size: int) -> None:
         args.lr_decay_iters = args.train_iters
     if args.per_position_eval_iters is None:
         args.per_position_eval_iters = args.eval_iters
+    if args.eval_seq_length is None:
+        args.eval_seq_length = args.seq_length
     args.long_term_delay_range = tuple(args.long_term_delay_range)
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage and args.pipeline_model_parallel_size > 1:
@@ -226,6 +231,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _check(args.seq_length % (2 * cp) == 0,
                f"--seq-length ({args.seq_length}) must be divisible by 2 x "
                f"--context-parallel-size ({cp})")
+    _check(args.eval_seq_length >= 1 and args.eval_seq_length % (2 * cp if cp > 1 else 1) == 0,
+           f"--eval-seq-length ({args.eval_seq_length}) must be >= 1"
+           + (f" and divisible by 2 x --context-parallel-size ({cp})" if cp > 1 else ""))
     _check(0.0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
     _check(args.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
     _check(args.lr_warmup_iters < args.lr_decay_iters or args.lr_decay_style == "constant"

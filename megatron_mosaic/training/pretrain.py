@@ -7,6 +7,7 @@ so tests drive exactly the code path users run.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -134,13 +135,26 @@ class Run:
         self.save()
         return None
 
+    def _per_position_data(self) -> tuple[argparse.Namespace, list[Iterator[dict]]]:
+        """Arguments and validation batches of the per-position pass: the training ones, or at
+        --eval-seq-length a validation set cut to that length (the schedules, the pipeline's
+        tensor shapes and the per-position sums all follow args.seq_length)."""
+        args = self.args
+        if args.eval_seq_length == args.seq_length:
+            return args, self._valid_iterators()
+        long_args = copy.copy(args)
+        long_args.seq_length = args.eval_seq_length
+        long_args.train_iters = 0  # build_data needs a training set; keep it to one batch
+        valid = build_data(long_args).valid
+        return long_args, make_iterators(long_args, valid, 0, len(self.model), cycle=True)
+
     def _per_position(self) -> dict[str, Any]:
         """Validation loss per token position, written as CSV + PNG; also the mean loss."""
-        args = self.args
-        loss, per_position = evaluate(args, self.model, self._valid_iterators(),
-                                      args.per_position_eval_iters, per_position=True)
-        out: dict[str, Any] = {}
-        if args.per_position_eval_iters == args.eval_iters:  # the same batches: reuse the pass
+        args, iterators = self._per_position_data()
+        loss, per_position = evaluate(args, self.model, iterators, args.per_position_eval_iters,
+                                      per_position=True)
+        out: dict[str, Any] = {"per_position_seq_length": args.seq_length}
+        if args.per_position_eval_iters == args.eval_iters and args is self.args:  # same batches: reuse
             self.reporter.validation(self.state.iteration, loss)
             self.last_validation = (self.state.iteration, loss)
         if self.rank == 0:
@@ -148,7 +162,7 @@ class Run:
             out["per_position_csv"], out["per_position_png"] = write_per_position_loss(
                 out_dir, per_position[0], per_position[1],
                 title=f"{args.model}: validation loss per position (iteration "
-                      f"{self.state.iteration})")
+                      f"{self.state.iteration}, length {args.seq_length})")
         return out
 
     def finish(self) -> dict[str, Any]:

@@ -1,0 +1,59 @@
+"""pretrain_mosaic.py --eval-seq-length: the final per-position pass runs longer than training."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.evaluation.conftest import ROOT, TINY, TRAIN_LENGTH
+
+EVAL_LENGTH = 3 * TRAIN_LENGTH
+
+
+def pretrain(argv: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                   f"--nproc_per_node={nproc}", "--master_port=29631"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(launcher + [str(ROOT / "pretrain_mosaic.py"), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def per_position_rows(tb_dir) -> list[dict]:
+    with open(tb_dir / "per_position_loss.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("model, nproc, layout", [
+    ("mosaic-v2", 1, []),
+    ("gpt", 1, []),
+    ("mosaic-v1", 2, ["--pipeline-model-parallel-size", "2"]),  # the pipeline's tensor shapes follow
+])
+def test_per_position_pass_runs_at_the_eval_length(model, nproc, layout, tmp_path):
+    tb = tmp_path / "tb"
+    argv = [*TINY, "--model", model, "--eval-seq-length", str(EVAL_LENGTH), "--eval-iters", "1",
+            "--per-position-eval-iters", "1", "--tensorboard-dir", str(tb), *layout]
+    result = pretrain(argv, nproc)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = per_position_rows(tb)
+    assert [int(r["position"]) for r in rows] == list(range(EVAL_LENGTH))
+    assert all(int(r["tokens"]) > 0 and float(r["loss"]) > 0 for r in rows)
+    # The validation loss is still the training-length pass, reported once.
+    assert result.stdout.count("validation at iteration 2") == 1
+
+
+def test_default_is_the_training_length(tmp_path):
+    tb = tmp_path / "tb"
+    result = pretrain([*TINY, "--model", "mosaic-v2", "--per-position-eval-iters", "1", "--tensorboard-dir", str(tb)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(per_position_rows(tb)) == TRAIN_LENGTH
+
+
+def test_bad_eval_length_is_refused_before_any_work():
+    result = pretrain([*TINY, "--model", "mosaic-v2", "--eval-seq-length", "0"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "pretrain_mosaic.py: error: --eval-seq-length (0) must be >= 1"
