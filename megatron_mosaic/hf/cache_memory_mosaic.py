@@ -163,7 +163,8 @@ class MosaicLayerCache:
 
 
 class MosaicCache(Cache):
-    """Cache for MemoryMosaicForCausalLM.generate(), passed around as ``past_key_values``.
+    """Cache for MemoryMosaicForCausalLM.generate(), passed around as ``cache`` (transformers
+    >= 5.24) or ``past_key_values`` (earlier 5.x): the model accepts either.
 
     Besides the per-layer memories it holds the token clock shared by all layers:
     seen_tokens (number of positions processed, pads included), and per sequence the document

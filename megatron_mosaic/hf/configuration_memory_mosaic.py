@@ -26,7 +26,9 @@ class MemoryMosaicConfig(PretrainedConfig):
     """
 
     model_type = "memory_mosaic"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Trainer drops these output fields from predictions; the cache field's name depends on the
+    # transformers 5.x release (``past_key_values`` before the rename, ``cache`` after).
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

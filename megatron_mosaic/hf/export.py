@@ -17,11 +17,12 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Iterator, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .conversion import (
     GPT_MODEL,
@@ -38,9 +39,7 @@ from .megatron_checkpoint import read_megatron_checkpoint
 HF_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MEMORY_PACKAGE_DIR = os.path.join(os.path.dirname(HF_PACKAGE_DIR), "memory")
 MODEL_CODE_FILES = ("configuration_memory_mosaic.py", "modeling_memory_mosaic.py", "cache_memory_mosaic.py")
-# The memory files the modeling file imports (flat, relatively); each may import only torch,
-# the standard library and its siblings.
-MEMORY_CODE_FILES = ("bandwidth.py", "features.py", "layout.py", "retrieval.py", "scan.py", "values.py")
+MODELING_FILE = "modeling_memory_mosaic.py"
 TOKENIZER_CODE_FILE = "tokenization_memory_mosaic.py"
 ARGS_FILE = "megatron_args.json"
 AUTO_MAP = {
@@ -48,8 +47,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_memory_mosaic.MemoryMosaicModel",
     "AutoModelForCausalLM": "modeling_memory_mosaic.MemoryMosaicForCausalLM",
 }
-_ALLOWED_ABSOLUTE_IMPORTS = {"torch", "transformers", "sentencepiece", "__future__", "dataclasses", "typing",
-                             "math", "os", "shutil", "collections", "functools"}
+# What a machine with only torch and transformers installed can import.
+_ALLOWED_ABSOLUTE_IMPORTS = {"torch", "transformers", "sentencepiece"} | set(sys.stdlib_module_names)
 
 
 @contextlib.contextmanager
@@ -83,20 +82,52 @@ def staged_directory(output_dir: str, overwrite: bool = False) -> Iterator[str]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _parse(path: str) -> ast.Module:
+    return ast.parse(open(path, encoding="utf-8").read(), filename=path)
+
+
+def _relative_imports(path: str) -> list[str]:
+    """Sibling modules ``path`` imports (``from .name import ...``); deeper forms cannot be
+    resolved in a flat exported directory."""
+    modules = []
+    for node in ast.walk(_parse(path)):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            if node.level > 1 or not node.module:
+                raise ConversionError(f"{path}: 'from {'.' * node.level}{node.module or ''} import ...' cannot be "
+                                      "resolved in a flat exported model directory")
+            modules.append(node.module)
+    return modules
+
+
+def memory_code_files() -> list[str]:
+    """The memory-math files an exported directory needs: those the modeling file imports
+    relatively, then theirs, transitively (so a new sibling of retrieval.py is shipped too)."""
+    needed: set[str] = set()
+    modeling = os.path.join(HF_PACKAGE_DIR, MODELING_FILE)
+    queue = [(module, modeling) for module in _relative_imports(modeling)]
+    while queue:
+        module, importer = queue.pop()
+        name = f"{module}.py"
+        if name in MODEL_CODE_FILES or name in needed:
+            continue
+        source = os.path.join(MEMORY_PACKAGE_DIR, name)
+        if not os.path.isfile(source):
+            raise ConversionError(f"{importer}: imports .{module}, which is neither a model code file nor in "
+                                  f"{MEMORY_PACKAGE_DIR}")
+        needed.add(name)
+        queue += [(sibling, source) for sibling in _relative_imports(source)]
+    return sorted(needed)
+
+
 def _check_portable(path: str) -> None:
-    """A file shipped as remote code may import only the allowed packages and its siblings."""
-    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try):
-            continue  # guarded fallbacks (transformers' loader skips them as well)
+    """A memory file shipped as remote code may import only the allowed packages (and, relatively,
+    its siblings, which memory_code_files ships as well)."""
+    for node in ast.walk(_parse(path)):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names = [node.module or ""]
-        elif isinstance(node, ast.ImportFrom) and f"{node.module}.py" not in MEMORY_CODE_FILES:
-            raise ConversionError(f"{path}: imports .{node.module}, which is not among the files copied "
-                                  f"into an exported model directory ({', '.join(MEMORY_CODE_FILES)})")
         for name in names:
             if name.split(".")[0] not in _ALLOWED_ABSOLUTE_IMPORTS:
                 raise ConversionError(f"{path}: imports {name!r}, which an exported model directory cannot provide")
@@ -105,7 +136,7 @@ def _check_portable(path: str) -> None:
 def copy_model_code(target_dir: str) -> None:
     """Configuration, modeling, cache and memory-math files into ``target_dir`` (flat)."""
     sources = [os.path.join(HF_PACKAGE_DIR, f) for f in MODEL_CODE_FILES]
-    sources += [os.path.join(MEMORY_PACKAGE_DIR, f) for f in MEMORY_CODE_FILES]
+    sources += [os.path.join(MEMORY_PACKAGE_DIR, f) for f in memory_code_files()]
     for source in sources:
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{source}: missing from the megatron_mosaic package")
@@ -120,19 +151,40 @@ def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str,
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (the checkpoint replaces
+    them: no weight is initialised, each allocation is dropped at once) but their buffers for
+    real: a non-persistent buffer such as Llama's rotary ``inv_freq`` is computed at construction
+    and stored in no checkpoint, so building it under ``torch.device("meta")`` leaves it without
+    data. (accelerate's init_empty_weights(include_buffers=False), without the dependency.)"""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def build_hf_model(config, state: Mapping[str, Tensor], model_cls, source: str):
-    """Instantiate ``model_cls(config)`` without allocating, check ``state`` against it in full,
-    and assign the tensors (tied parameters are re-tied, not stored twice)."""
-    with torch.device("meta"):
+    """Instantiate ``model_cls(config)`` with parameters unallocated, check ``state`` against it
+    in full, and assign the tensors (tied parameters are re-tied, not stored twice)."""
+    with parameters_on_meta():
         model = model_cls(config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     expected = {name: p.shape for name, p in model.state_dict().items() if name not in tied}
     check_tensors(expected, state, source, f"{model_cls.__name__} built from the checkpoint's arguments")
     model.load_state_dict(dict(state), strict=False, assign=True)
     model.tie_weights()
-    leftover = [name for name, p in model.named_parameters() if p.is_meta]
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
-        raise ConversionError(f"parameters left unfilled after loading: {leftover}")
+        raise ConversionError(f"tensors left without data after loading: {leftover}")
     return model.eval()
 
 

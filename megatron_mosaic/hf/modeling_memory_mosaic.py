@@ -17,7 +17,7 @@ The prompt is one such step on an empty cache: the full forward, then the cache 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -458,6 +458,47 @@ def build_step_layout(
     return layout, plain, ended
 
 
+# ---------------------------------------------------------------------------------------------
+# The cache's name across transformers 5.x
+# ---------------------------------------------------------------------------------------------
+# transformers renamed the decoding cache from ``past_key_values`` to ``cache`` within 5.x (5.24
+# passes ``cache=`` to forward and declares ``cache`` on its output classes; the old name still
+# works there but logs a deprecation warning on every use). This file ships inside exported model
+# directories that must run under whichever 5.x is installed, so the name is read off the
+# installed output class once instead of being hard-coded.
+
+
+def _cache_field(output_cls: type) -> str:
+    """The name the installed transformers gives the cache field of ``output_cls``."""
+    names = {f.name for f in fields(output_cls)}
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return name
+    raise ImportError(f"transformers' {output_cls.__name__} declares no cache field (neither 'cache' nor "
+                      f"'past_key_values'): this transformers release is not supported")
+
+
+CACHE_FIELD = _cache_field(CausalLMOutputWithPast)
+if _cache_field(BaseModelOutputWithPast) != CACHE_FIELD:
+    raise ImportError("transformers' output classes disagree on the cache field's name")
+
+
+def output_cache(output) -> MosaicCache | None:
+    """The cache held by a model output, read under the installed transformers' field name."""
+    return getattr(output, CACHE_FIELD)
+
+
+def _chosen_cache(cache: MosaicCache | None, past_key_values: MosaicCache | None) -> MosaicCache | None:
+    """The cache given under either name (``cache``: transformers >= 5.24 and new code;
+    ``past_key_values``: older 5.x generate() and existing callers); both at once is ambiguous."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the decoding cache as either cache= or past_key_values=, not both")
+    chosen = cache if cache is not None else past_key_values
+    if chosen is not None and not isinstance(chosen, MosaicCache):
+        raise TypeError(f"the decoding cache must be a MosaicCache (from this model), got {type(chosen).__name__}")
+    return chosen
+
+
 def _reject_unsupported(kwargs: dict, owner: str) -> None:
     """generate() passes switches such as output_attentions=False: accept them only when off."""
     unsupported = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
@@ -469,7 +510,7 @@ class MemoryMosaicPreTrainedModel(PreTrainedModel):
     config_class = MemoryMosaicConfig
     base_model_prefix = "model"
     _no_split_modules = ["MosaicV1Layer", "MosaicV2Layer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_FIELD]  # device_map dispatch must not move the cache
     _is_stateful = True  # the cache cannot be rewound: no assisted decoding
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -521,23 +562,22 @@ class MemoryMosaicModel(MemoryMosaicPreTrainedModel):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
-        past_key_values: MosaicCache | None = None,
+        cache: MosaicCache | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        past_key_values: MosaicCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """The cache may come as ``cache`` or ``past_key_values`` (transformers' old name)."""
         _reject_unsupported(kwargs, "MemoryMosaicModel")
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got "
                              f"{None if input_ids is None else tuple(input_ids.shape)}")
-        if past_key_values is not None and not isinstance(past_key_values, MosaicCache):
-            raise TypeError(f"past_key_values must be a MosaicCache (from this model), got "
-                            f"{type(past_key_values).__name__}")
-        cache = past_key_values
+        cache = _chosen_cache(cache, past_key_values)
         if use_cache and cache is None:
             cache = MosaicCache(self.config.num_hidden_layers)
         if cache is not None and cache.batch_size not in (-1, input_ids.shape[0]):
-            raise ValueError(f"past_key_values holds {cache.batch_size} sequences, input_ids has {input_ids.shape[0]}")
+            raise ValueError(f"the cache holds {cache.batch_size} sequences, input_ids has {input_ids.shape[0]}")
         eod = self.config.eod_token_id if self.config.document_masking else None
         layout, plain, ended = build_step_layout(input_ids, attention_mask, cache, eod)
         ctx = StepContext(layout=layout, plain=plain, cache=cache)
@@ -546,7 +586,7 @@ class MemoryMosaicModel(MemoryMosaicPreTrainedModel):
         if cache is not None:
             cache.advance(input_ids.shape[1], layout.doc_starts[:, -1], ended)
         return BaseModelOutputWithPast(
-            last_hidden_state=x, past_key_values=cache, hidden_states=tuple(hidden) if hidden is not None else None
+            last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None, **{CACHE_FIELD: cache}
         )
 
 
@@ -581,22 +621,29 @@ class MemoryMosaicForCausalLM(MemoryMosaicPreTrainedModel, GenerationMixin):
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        past_key_values: MosaicCache | None = None,
+        cache: MosaicCache | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | Tensor = 0,
+        past_key_values: MosaicCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """input_ids (B, T) -> logits (B, T, V) fp32-or-model-dtype; loss if labels (shifted inside).
 
-        With ``use_cache`` (or a ``past_key_values`` cache) the tokens continue the cached prefix.
+        With ``use_cache`` (or a cache, given as ``cache`` or under transformers' old name
+        ``past_key_values``) the tokens continue the cached prefix. The output holds the cache
+        under the installed transformers' field name (CACHE_FIELD; read it with output_cache).
         """
+        # Early 5.x generate() also passes cache_position, unused (the cache keeps its own clock).
+        # Not a declared parameter: 5.24 warns about remote-code models whose forward declares it.
+        kwargs.pop("cache_position", None)
         _reject_unsupported(kwargs, "MemoryMosaicForCausalLM")
-        use_cache = bool(use_cache) or past_key_values is not None
-        base = self.model(input_ids, attention_mask, past_key_values, use_cache, bool(output_hidden_states))
-        hidden, cache = base.last_hidden_state, base.past_key_values
+        cache = _chosen_cache(cache, past_key_values)
+        use_cache = bool(use_cache) or cache is not None
+        base = self.model(input_ids, attention_mask, cache, use_cache, bool(output_hidden_states))
+        hidden, cache = base.last_hidden_state, output_cache(base)
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
@@ -610,7 +657,7 @@ class MemoryMosaicForCausalLM(MemoryMosaicPreTrainedModel, GenerationMixin):
         if return_dict is False:
             output = (logits, cache) if use_cache else (logits,)
             return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=base.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=base.hidden_states, **{CACHE_FIELD: cache})
 
 
 __all__ = ["MemoryMosaicForCausalLM", "MemoryMosaicModel", "MemoryMosaicPreTrainedModel"]

@@ -188,3 +188,25 @@ def test_generation_never_emits_padded_vocabulary_ids(exported):
     (result,) = generate_continuations(model, tokenizer, ["def forward"], max_new_tokens=5)
     assert result.new_ids and max(result.new_ids) < real
     assert isinstance(result.text, str)
+
+
+def _generate_tool():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    return generate
+
+
+@pytest.mark.parametrize("name", ["v1_pp2", "v2_tp2", "gpt_tp2"])
+def test_generate_tool_loads_megatron_checkpoints_of_every_model(name, exported, parallel_checkpoints, capsys):
+    """--load on a Megatron checkpoint of each --model (converted in memory; GPT's rotary buffer
+    is in no checkpoint and must be computed) continues a prompt exactly as its export does."""
+    generate = _generate_tool()
+    argv = ["--prompt-ids", "5 6 7 8 9", "--max-new-tokens", "4"]
+    assert generate.main(["--load", parallel_checkpoints.path(name)] + argv) == 0
+    from_checkpoint = capsys.readouterr().out.split("\n")
+    assert from_checkpoint[0] == "=== 5 6 7 8 9" and from_checkpoint[2].startswith("--- 4 tokens"), from_checkpoint
+    assert generate.main(["--load", exported[name]] + argv) == 0
+    assert capsys.readouterr().out.split("\n")[1] == from_checkpoint[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_mosaic.hf import MemoryMosaicConfig, MemoryMosaicForCausalLM, MosaicCache
-from megatron_mosaic.hf.modeling_memory_mosaic import build_step_layout
+from megatron_mosaic.hf.modeling_memory_mosaic import build_step_layout, output_cache
 from megatron_mosaic.memory import SequenceLayout
 
 EOD = 3
@@ -49,8 +49,8 @@ def test_chunked_forward_with_cache_equals_full_forward(version):
         full = model(ids).logits
         cache, pieces, start = None, [], 0
         for size in (4, 1, 1, 5, 1, 3, 2):  # prefill, single tokens, multi-token chunks
-            out = model(ids[:, start:start + size], past_key_values=cache, use_cache=True)
-            cache, start = out.past_key_values, start + size
+            out = model(ids[:, start:start + size], cache=cache, use_cache=True)
+            cache, start = output_cache(out), start + size
             pieces.append(out.logits)
     assert start == ids.shape[1] and cache.get_seq_length() == start
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
@@ -124,9 +124,9 @@ def test_cache_keeps_the_window_and_grows_the_long_term_store():
     window = model.config.short_term_window
     with torch.no_grad():
         out = model(prompts(2, 11), use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for step in range(4):
-            cache = model(torch.full((2, 1), 7), past_key_values=cache, use_cache=True).past_key_values
+            cache = output_cache(model(torch.full((2, 1), 7), cache=cache, use_cache=True))
     memories = cache.layers[0].memories
     # h - 1 pairs reachable by the next query: h - 2 filed + the pending one.
     assert memories["short_term"].num_pairs == window - 2
@@ -156,9 +156,9 @@ def test_bad_attention_masks_and_caches_are_rejected():
     with pytest.raises(ValueError, match="only left padding"):
         model(ids, attention_mask=holes)
     with pytest.raises(TypeError, match="MosaicCache"):
-        model(ids, past_key_values=object())
-    cache = model(ids, use_cache=True).past_key_values
+        model(ids, cache=object())
+    cache = output_cache(model(ids, use_cache=True))
     with pytest.raises(ValueError, match="holds 2 sequences"):
-        model(ids[:1, :1], past_key_values=cache)
+        model(ids[:1, :1], cache=cache)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(1)
