@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Score a checkpoint on an in-context task at one or more lengths (forward passes only).
 
-    python tools/evaluate.py --load CKPT_DIR|HF_DIR --task recall --seq-length 256 1024 2048 \
+    python tools/evaluate.py --load CKPT_DIR|HF_DIR --task recall fewshot --seq-length 256 1024 2048 \
         --num-docs 32 --output runs/eval/v2
 
 Works for Megatron checkpoints of every --model (mosaic-v1, mosaic-v2, gpt), saved at any
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="Megatron checkpoint directory or Hugging Face model directory")
-    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--task", required=True, nargs="+", choices=list(TASKS),
+                   help="one or more tasks (the model is loaded once)")
     p.add_argument("--seq-length", type=int, nargs="+", required=True, help="evaluation lengths in tokens")
     p.add_argument("--num-docs", type=int, default=16, help="documents per length")
     p.add_argument("--seed", type=int, default=4321, help="keep it apart from the training data's seed")
@@ -47,16 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="NullTokenizer vocabulary, for an HF directory exported without megatron_args.json")
     p.add_argument("--num-symbols", type=int, default=64, help="symbols per set for text-tokenizer models")
-    p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots")
+    p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots, per task")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return p
 
 
 def check(args: argparse.Namespace) -> Optional[str]:
+    from megatron_mosaic.evaluation.tasks import TASKS
+
     if any(length < 8 for length in args.seq_length):
         return f"--seq-length values must be >= 8, got {args.seq_length}"
     if args.num_docs < 1 or args.batch_size < 1:
         return "--num-docs and --batch-size must be >= 1"
+    if any(TASKS[t].needs_text for t in args.task) and not args.text:
+        return f"--task {' '.join(t for t in args.task if TASKS[t].needs_text)} needs real text: pass --text CORPUS.jsonl"
     if not os.path.isdir(args.load):
         return f"--load {args.load}: no such directory"
     return None
@@ -86,17 +91,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         loaded = load_model(args.load, args.vocab_size, args.num_symbols)
         log(f"loaded {loaded.kind} from {args.load}: {loaded.parameters:,} parameters, "
             f"training length {loaded.train_seq_length}, {loaded.vocab.fmt} format")
-        results = evaluate_task(loaded, args.task, args.seq_length, num_docs=args.num_docs, seed=args.seed,
-                                text=args.text, batch_size=args.batch_size, name=args.name or loaded.kind,
-                                log=log)
+        for task in dict.fromkeys(args.task):
+            results = evaluate_task(loaded, task, args.seq_length, num_docs=args.num_docs, seed=args.seed,
+                                    text=args.text, batch_size=args.batch_size,
+                                    name=args.name or loaded.kind, log=log)
+            print(table([results]), flush=True)
+            for path in write_outputs([results], args.output, task) if args.output else []:
+                print(f"wrote {path}")
     except (CheckpointError, ConversionError, VocabError, DataError, FileNotFoundError, ValueError) as err:
         return cli_error(PROG, err)
-    print(table([results]))
-    if args.output:
-        for path in write_outputs([results], args.output, args.task):
-            print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "evaluate"))

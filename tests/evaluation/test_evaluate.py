@@ -16,25 +16,28 @@ from tools import evaluate
 LENGTHS = (TRAIN_LENGTH, 2 * TRAIN_LENGTH)
 
 
-def run_evaluate(load: str, task: str, out_dir, text: str, capsys) -> list[dict]:
-    argv = ["--load", load, "--task", task, "--seq-length", *map(str, LENGTHS), "--num-docs", "2",
-            "--batch-size", "2", "--output", str(out_dir)]
-    if TASKS[task].needs_text:
-        argv += ["--text", text]
+def run_evaluate(load: str, out_dir, text: str, capsys) -> dict[str, dict]:
+    """Every task in one call (the model is loaded once); task -> its results."""
+    argv = ["--load", load, "--task", *TASKS, "--seq-length", *map(str, LENGTHS), "--num-docs", "2",
+            "--batch-size", "2", "--output", str(out_dir), "--text", text]
     assert evaluate.main(argv) == 0, capsys.readouterr().err
-    table = capsys.readouterr().out
-    assert f"{task}" in table and "params" in table
-    for suffix in (".json", ".csv", "_vs_length.png", "_per_position.png"):
-        assert (out_dir / f"{task}{suffix}").stat().st_size > 0
-    return json.loads((out_dir / f"{task}.json").read_text())
+    printed = capsys.readouterr().out
+    found = {}
+    for task in TASKS:
+        assert f" {task} " in printed and "params" in printed
+        for suffix in (".json", ".csv", "_vs_length.png", "_per_position.png"):
+            assert (out_dir / f"{task}{suffix}").stat().st_size > 0
+        [found[task]] = json.loads((out_dir / f"{task}.json").read_text())
+    return found
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_task_at_two_lengths_megatron_and_hf_agree(model, tiny_checkpoints, small_text, tmp_path, capsys):
+    got = {source: run_evaluate(tiny_checkpoints[model][source], tmp_path / source, small_text, capsys)
+           for source in ("megatron", "hf")}
     for task, spec in TASKS.items():
-        got = {}
         for source in ("megatron", "hf"):
-            [res] = run_evaluate(tiny_checkpoints[model][source], task, tmp_path / source, small_text, capsys)
+            res = got[source][task]
             assert res["model"] == model and res["train_seq_length"] == TRAIN_LENGTH and res["parameters"] > 0
             assert [at["length"] for at in res["lengths"]] == list(LENGTHS)
             for at in res["lengths"]:
@@ -43,9 +46,8 @@ def test_every_task_at_two_lengths_megatron_and_hf_agree(model, tiny_checkpoints
                 if spec.grouping:
                     assert at["summary"]["n"] > 0 and 0.0 <= at["summary"]["accuracy"] <= 1.0
                     assert set(at["summary"]["by"]) == set(spec.grouping)
-            got[source] = res
         # The in-memory conversion and the exported directory are the same model.
-        for a, b in zip(got["megatron"]["lengths"], got["hf"]["lengths"]):
+        for a, b in zip(got["megatron"][task]["lengths"], got["hf"][task]["lengths"]):
             assert a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-5)
             if spec.grouping:
                 assert a["summary"]["accuracy"] == b["summary"]["accuracy"]
@@ -99,3 +101,25 @@ def test_bad_load_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("evaluate: error:"), err
     assert evaluate.main(["--load", str(tmp_path / "x"), "--task", "recall", "--seq-length", "4"]) != 0
     assert "--seq-length values must be >= 8" in capsys.readouterr().err
+    assert evaluate.main(["--load", str(tmp_path), "--task", "recall", "lm", "--seq-length", "32"]) != 0
+    assert "--task lm needs real text" in capsys.readouterr().err
+
+
+def test_icl_report_puts_every_model_in_one_report(tiny_checkpoints, tmp_path, capsys):
+    from examples import icl_report
+
+    runs = tmp_path / "runs"
+    for model in ("mosaic-v2", "gpt"):
+        argv = ["--load", tiny_checkpoints[model]["megatron"], "--task", "fewshot", "--seq-length", "32", "64",
+                "--num-docs", "1", "--name", model, "--output", str(runs / model / "eval")]
+        assert evaluate.main(argv) == 0
+        (runs / model / "train.log").write_text(" final | iteration 2 | validation loss 4.5000 | "
+                                                "training tokens/s 1,234 (mean over 2 iterations)\n")
+    assert icl_report.main(["--runs", str(runs), "--models", "mosaic-v2", "gpt"]) == 0
+    report = (runs / "report.md").read_text()
+    assert "| mosaic-v2 |" in report and "| gpt |" in report and "| 4.5 | 1234.0 |" in report
+    assert "![fewshot](fewshot_by_shot.png)" in report and (runs / "fewshot_by_shot.png").stat().st_size > 0
+    [v2, gpt] = json.loads((runs / "fewshot.json").read_text())
+    assert (v2["name"], gpt["name"]) == ("mosaic-v2", "gpt")
+    assert f"mosaic-v2 ({v2['parameters'] / 1e6:.2f}M params)" in report
+    assert icl_report.main(["--runs", str(tmp_path / "none"), "--models", "gpt"]) != 0
