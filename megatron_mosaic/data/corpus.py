@@ -207,11 +207,12 @@ def _decode_utf8(raw: RawDocument) -> str:
         raise DocumentError(INVALID_UTF8, f"{raw.path}:{line}", f"byte 0x{bad} at column {column + 1}") from None
 
 
-def decode_document(raw: RawDocument, json_keys: Sequence[str]) -> dict[str, Union[str, list[str]]]:
+def decode_document(raw: RawDocument, json_keys: Sequence[str],
+                    allow_empty: bool = False) -> dict[str, Union[str, list[str]]]:
     """The text under each key: a string, or a list of strings (a document pre-split by sentence).
 
     Raises DocumentError for invalid UTF-8, malformed JSON, a missing key, a value that is not
-    text, or a document with no non-whitespace text.
+    text, or (unless ``allow_empty``) a document with no non-whitespace text.
     """
     text = _decode_utf8(raw)
     if raw.is_json:
@@ -237,7 +238,7 @@ def decode_document(raw: RawDocument, json_keys: Sequence[str]) -> dict[str, Uni
             joined = value
         else:
             raise DocumentError(BAD_VALUE, raw.where, f"key {key!r} holds {type(value).__name__}, expected a string")
-        if not joined.strip():
+        if not joined.strip() and not allow_empty:
             raise DocumentError(EMPTY_DOCUMENT, raw.where, f"key {key!r} has no text")
     return values
 

@@ -73,6 +73,7 @@ class EncoderConfig:
     dtype: str
     punkt_params: object = None  # nltk PunktParameters when splitting sentences
     keep_newlines: bool = False
+    reject_empty: bool = False  # --reject-empty-documents
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Encoder:
             self.splitter = SentenceSplitter(config.punkt_params, config.keep_newlines)
 
     def encode(self, raw: RawDocument) -> EncodedDocument:
-        values = decode_document(raw, self.config.json_keys)
+        values = decode_document(raw, self.config.json_keys, allow_empty=not self.config.reject_empty)
         ids, lengths = {}, {}
         for key in self.config.json_keys:
             value = values[key]
@@ -119,9 +120,11 @@ class Encoder:
                 if sentence_ids:
                     doc.extend(sentence_ids)
                     lens.append(len(sentence_ids))
-            if not doc:
+            if not doc and self.config.reject_empty:
                 raise DocumentError(EMPTY_DOCUMENT, raw.where, f"key {key!r} has no tokens")
-            if self.config.append_eod:
+            # As Megatron-LM: a document that tokenizes to nothing is written as a document of
+            # zero sequences, without EOD; whitespace the tokenizer keeps gets its tokens + EOD.
+            if doc and self.config.append_eod:
                 doc.append(self.tokenizer.eod)
                 lens[-1] += 1
             ids[key] = np.asarray(doc, dtype=self.config.dtype)
@@ -464,6 +467,11 @@ def get_parser() -> argparse.ArgumentParser:
     group.add_argument("--append-eod", action="store_true",
                        help="Append the tokenizer's end-of-document token to every document (needed "
                             "for document masking in training).")
+    group.add_argument("--reject-empty-documents", action="store_true",
+                       help="Stop at (or with --skip-bad-lines skip) a document with no "
+                            "non-whitespace text or no tokens, instead of writing it as Megatron-LM "
+                            "does (no tokens: a document of zero sequences; whitespace: its tokens "
+                            "and EOD).")
     group.add_argument("--lang", type=str, default="english",
                        help="Accepted for Megatron-LM compatibility; Punkt is trained on the input, "
                             "so the input's language is what it learns.")
@@ -529,7 +537,7 @@ def preprocess(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
         log(f"Trained Punkt on {used} characters of the input in {time.perf_counter() - start:.1f} s")
     level = "sentence" if args.split_sentences else "document"
     encoder = EncoderConfig(TokenizerSpec.from_args(args), tuple(args.json_keys), args.append_eod,
-                            dtype, punkt_params, args.keep_newlines)
+                            dtype, punkt_params, args.keep_newlines, args.reject_empty_documents)
     prefixes = tuple((key, f"{args.output_prefix}_{key}_{level}") for key in args.json_keys)
     job = _Job(encoder, tuple(paths), args.input_format, args.txt_mode, prefixes, args.workers,
                args.skip_bad_lines, args.log_interval,

@@ -40,8 +40,10 @@ def test_bad_line_names_file_and_line_and_writes_nothing(tmp_path, tokenizer_arg
     data = write_lines(tmp_path / "in.jsonl", [GOOD[0], bad, GOOD[1]])
     out = tmp_path / "out"
     out.mkdir()
-    code, err = run(["--input", data, "--output-prefix", out / "ds", "--workers", "2"]
-                    + tokenizer_args["SentencePieceTokenizer"], capsys)
+    # --reject-empty-documents: the empty case is refused (by default it is written as
+    # Megatron-LM writes it, see test_empty_documents.py).
+    code, err = run(["--input", data, "--output-prefix", out / "ds", "--workers", "2",
+                     "--reject-empty-documents"] + tokenizer_args["SentencePieceTokenizer"], capsys)
     assert code == 1
     assert f"{data}:2: {message}" in err
     assert "--skip-bad-lines" in err
@@ -52,7 +54,8 @@ def test_skip_bad_lines_counts_and_summarises(tmp_path, tokenizer_args, capsys):
     lines = [GOOD[0]] + [BAD_LINES[c][0] for c in sorted(BAD_LINES)] + [GOOD[1], BAD_LINES["malformed"][0], GOOD[2]]
     data = write_lines(tmp_path / "in.jsonl", lines)
     code = preprocess.main(["--input", data, "--output-prefix", str(tmp_path / "ds"), "--skip-bad-lines",
-                            "--workers", "2"] + tokenizer_args["SentencePieceTokenizer"])
+                            "--workers", "2", "--reject-empty-documents"]
+                           + tokenizer_args["SentencePieceTokenizer"])
     out = capsys.readouterr().out
     assert code == 0
     assert len(read_dataset(f"{tmp_path}/ds_text_document")) == 3
@@ -137,8 +140,8 @@ def test_interrupted_commit_never_leaves_a_valid_looking_pair(tmp_path, monkeypa
 
 def test_nothing_usable_is_an_error(tmp_path, tokenizer_args, capsys):
     data = write_lines(tmp_path / "in.jsonl", [BAD_LINES["malformed"][0], BAD_LINES["empty"][0]])
-    code, err = run(["--input", data, "--output-prefix", tmp_path / "ds", "--skip-bad-lines"]
-                    + tokenizer_args["SentencePieceTokenizer"], capsys)
+    code, err = run(["--input", data, "--output-prefix", tmp_path / "ds", "--skip-bad-lines",
+                     "--reject-empty-documents"] + tokenizer_args["SentencePieceTokenizer"], capsys)
     assert code == 1 and "no usable documents, nothing written" in err
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
