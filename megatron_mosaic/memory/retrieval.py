@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layout import SequenceLayout
+from .precision import fp32_region, upcast
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,22 @@ def associative_recall(
                 f"{tuple(key_layout.positions.shape)} do not match (B, Tq)={(B, Tq)} / (B, Tk)={(B, Tk)}"
             )
         plain = _is_plain_shift(query_layout, key_layout)
+    # Scores and softmax in fp32 whatever the autocast (memory/precision.py); the output goes
+    # back to the queries' dtype, the lse stays fp32.
+    with fp32_region(queries.device):
+        result = _recall(upcast(queries), upcast(keys), upcast(values), visibility, query_layout, key_layout,
+                         return_lse, plain)
+    if return_lse:
+        return result[0].to(queries.dtype), result[1]
+    return result.to(queries.dtype)
 
+
+def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibility,
+            query_layout: SequenceLayout | None, key_layout: SequenceLayout | None, return_lse: bool,
+            plain: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """associative_recall's path choice, on validated inputs."""
+    B, H, Tq, _ = queries.shape
+    Tk = keys.shape[2]
     if not return_lse and plain:
         return _shifted_recall(queries, keys, values, visibility)
     if Tk == 0:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .precision import fp32_region
+
 
 # Chunk length C. Per chunk the scan builds a C×C weight block, so the work is O(T·C·D) plus a
 # recursion of depth log_C(T); on CPU, fwd+bwd at T=256..2048 (head size 32-64) is ~2x faster
@@ -170,6 +172,7 @@ def linear_recurrence(
         init = (initial_state.value.to(torch.float32), initial_state.log_scale.to(torch.float32))
     if resets is not None:
         resets = resets.to(torch.bool)
-    scaled, log_scale = _scan_fp32(inputs.to(torch.float32), a, g, resets, init, chunk_size)
+    with fp32_region(inputs.device):  # exp'd log weights keep their bits under autocast too
+        scaled, log_scale = _scan_fp32(inputs.to(torch.float32), a, g, resets, init, chunk_size)
     final = RecurrenceState(scaled[:, :, -1], log_scale[:, :, -1])
     return scaled.to(inputs.dtype), log_scale, final

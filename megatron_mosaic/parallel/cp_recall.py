@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..memory.layout import SequenceLayout
+from ..memory.precision import fp32_region
 from ..memory.retrieval import Visibility
 from .comm import PeerExchange
 from .context_parallel import ChunkPlan
@@ -306,8 +307,20 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class _RingRecall(torch.autograd.Function):
+    # Scores and softmax in fp32 under autocast too (memory/precision.py): both passes run in an
+    # fp32 region, whatever autocast state the caller's forward or backward is in.
     @staticmethod
     def forward(ctx, q, k, v, doc_starts, ring: _Ring, tile_rows: int):  # type: ignore[override]
+        with fp32_region(q.device):
+            return _RingRecall._forward(ctx, q, k, v, doc_starts, ring, tile_rows)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        with fp32_region(grad_out.device):
+            return _RingRecall._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, doc_starts, ring: _Ring, tile_rows: int):
         B, H, T, _ = q.shape
         tiles = make_query_tiles(ring.plan, doc_starts, tile_rows)
         dt = _compute_dtype(q)
@@ -328,7 +341,7 @@ class _RingRecall(torch.autograd.Function):
         return out.to(v.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def _backward(ctx, grad_out):
         q, k, v, doc_starts, out, lse = ctx.saved_tensors
         ring, tiles, steps = ctx.ring, ctx.tiles, ctx.steps
         dt = out.dtype
