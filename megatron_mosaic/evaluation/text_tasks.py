@@ -6,6 +6,7 @@ key, or ``.txt``), e.g. ``tools/fetch_corpus.py shakespeare``'s ``valid.jsonl``.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Sequence
 
@@ -19,6 +20,9 @@ class TextSource:
     """The works of a corpus as lists of units (words, or hashed word ids)."""
 
     def __init__(self, paths: Sequence[str], vocab: SymbolVocab):
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise VocabError(f"--text {missing[0]}: no such file")
         self.works = [units for units in (vocab.words(t) for t in iter_texts(list(paths))) if units]
         if not self.works:
             raise VocabError(f"--text {' '.join(paths)}: no text found")
