@@ -31,6 +31,7 @@ def per_position_rows(tb_dir) -> list[dict]:
     ("mosaic-v2", 1, []),
     ("gpt", 1, []),
     ("mosaic-v1", 2, ["--pipeline-model-parallel-size", "2"]),  # the pipeline's tensor shapes follow
+    ("mosaic-v2", 2, ["--context-parallel-size", "2"]),  # long contexts split across CP ranks
 ])
 def test_per_position_pass_runs_at_the_eval_length(model, nproc, layout, tmp_path):
     tb = tmp_path / "tb"
