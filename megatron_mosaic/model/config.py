@@ -71,6 +71,11 @@ class MosaicConfig(TransformerConfig):
     v1_key_scale_max: float = 5.0
     """v1 key scale exp(min(pow * 10κ, v1_key_scale_max)), as the official nanoMosaics code."""
 
+    init_seed: Optional[int] = None
+    """Seed of the initial weights: each layer, the embedding, output layer and final norm draw
+    from their own stream of it, so every parallel layout starts from the same weights (see
+    ``model.init_rng``). None: draw from the ambient generators in construction order."""
+
     # Megatron fields whose default differs for Memory Mosaics (None = resolved per version).
     add_bias_linear: Optional[bool] = None
     normalization: Optional[str] = None
@@ -168,9 +173,19 @@ class MosaicConfig(TransformerConfig):
         return config_to_dict(self)
 
 
+@dataclasses.dataclass
+class GPTBaselineConfig(TransformerConfig):
+    """TransformerConfig of the GPT baseline plus ``init_seed`` (as in MosaicConfig)."""
+
+    init_seed: Optional[int] = None
+    """Seed of the initial weights, one stream per layer / embedding / output layer / final
+    norm (see ``model.init_rng``); None draws from the ambient generators."""
+
+
 # --------------------------------------------------------------------------- serialization
 
-_CONFIG_CLASSES = {"MosaicConfig": MosaicConfig, "TransformerConfig": TransformerConfig}
+_CONFIG_CLASSES = {"MosaicConfig": MosaicConfig, "GPTBaselineConfig": GPTBaselineConfig,
+                   "TransformerConfig": TransformerConfig}
 
 
 def _field_default(f: dataclasses.Field) -> Any:

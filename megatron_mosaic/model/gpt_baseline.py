@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -14,19 +15,22 @@ from torch import Tensor
 
 from ..memory import SequenceLayout
 from ..parallel.dispatch import context_parallel_size
+from .config import GPTBaselineConfig
+from .init_rng import CONSTRUCTION, EMBEDDING, OUTPUT_LAYER, init_rng, init_seed_of, redraw_vocab_weight
 from .module import param_device
-from .specs import get_gpt_baseline_layer_spec
+from .specs import get_gpt_baseline_block_spec
 
 
-def gpt_baseline_config(**kwargs: Any) -> TransformerConfig:
-    """TransformerConfig with the Llama-style fields set (RMSNorm, SwiGLU, no bias, no dropout);
-    ``kwargs`` (sizes, parallelism, ...) are passed through and may override them."""
+def gpt_baseline_config(**kwargs: Any) -> GPTBaselineConfig:
+    """GPTBaselineConfig (a TransformerConfig plus ``init_seed``) with the Llama-style fields set
+    (RMSNorm, SwiGLU, no bias, no dropout); ``kwargs`` (sizes, parallelism, init_seed, ...) are
+    passed through and may override them."""
     fields = dict(
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0,
     )
     fields.update(kwargs)
-    return TransformerConfig(**fields)
+    return GPTBaselineConfig(**fields)
 
 
 def _check_llama_style(config: TransformerConfig) -> None:
@@ -94,17 +98,35 @@ class GPTBaseline(GPTModel):
     layout, RoPE uses its global positions (one set for all rows, as in packed pretraining) and
     the layout reaches SDPACoreAttention through the ``attention_mask`` slot, so context
     parallelism only needs the rank's layout (``parallel.slice_batch_for_cp_rank``).
+
+    Initial weights: with ``config.init_seed`` set, every layer and the final norm draw from
+    their own streams (``get_gpt_baseline_block_spec``); GPTModel builds the embedding and output
+    layer itself, so they are drawn again from their streams afterwards, exactly as their
+    constructors would draw them there (as MosaicModel's). Construction runs in a scope of its
+    own, so it leaves the caller's generators untouched.
     """
 
-    def __init__(self, *args: Any, eod_token_id: Optional[int] = None, document_masking: bool = True,
-                 rotary_base: int = 10000, **kwargs: Any):
-        super().__init__(*args, rotary_base=rotary_base, **kwargs)
+    def __init__(self, config: TransformerConfig, *args: Any, eod_token_id: Optional[int] = None,
+                 document_masking: bool = True, rotary_base: int = 10000, **kwargs: Any):
+        with init_rng(init_seed_of(config), CONSTRUCTION):  # its draws are all replaced or discarded
+            super().__init__(config, *args, rotary_base=rotary_base, **kwargs)
+        self._redraw_embedding_and_output()
         self.rotary_pos_emb = LocalRotaryEmbedding(
             kv_channels=self.config.kv_channels, rotary_percent=1.0, rotary_interleaved=self.config.rotary_interleaved,
             rotary_base=rotary_base, cp_group=self.pg_collection.cp, device=param_device(self.config),
         )
         self.eod_token_id = eod_token_id
         self.document_masking = document_masking
+
+    def _redraw_embedding_and_output(self) -> None:
+        """The embedding and output weights from their own streams (no-op without init_seed)."""
+        tp_group = self.pg_collection.tp
+        if self.pre_process:
+            redraw_vocab_weight(self.embedding.word_embeddings.weight, self.vocab_size, self.config.embedding_init_method,
+                                self.config, tp_group, EMBEDDING, params_dtype=self.config.params_dtype)
+        if self.post_process:
+            redraw_vocab_weight(self.output_layer.weight, self.vocab_size, self.config.init_method,
+                                self.config, tp_group, OUTPUT_LAYER)
 
     def forward(self, input_ids: Optional[Tensor], labels: Optional[Tensor] = None,
                 layout: Optional[SequenceLayout] = None, long_term_delay: Optional[int] = None, **kwargs: Any) -> Tensor:
@@ -130,8 +152,9 @@ def build_gpt_baseline(config: TransformerConfig, vocab_size: int, pre_process: 
                        rotary_base: int = 10000) -> GPTBaseline:
     """The Llama-style GPT baseline (RoPE, untied embeddings, SDPA attention)."""
     _check_llama_style(config)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     return GPTBaseline(
-        config=config, transformer_layer_spec=get_gpt_baseline_layer_spec(), vocab_size=vocab_size,
+        config, transformer_layer_spec=get_gpt_baseline_block_spec(config, vp_stage, pp_rank), vocab_size=vocab_size,
         max_sequence_length=max_sequence_length, pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=False, position_embedding_type="rope", vp_stage=vp_stage,
         eod_token_id=eod_token_id, document_masking=document_masking, rotary_base=rotary_base,

@@ -16,12 +16,13 @@ from typing import Any, Optional, Union
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
-from megatron.core.utils import get_pg_rank, make_viewless_tensor
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
 from .config import MosaicConfig, truncated_normal_init
 from .context import MemoryContext
+from .init_rng import global_layer_number, init_rng, init_seed_of, layer_stream
 from .module import MosaicModule
 
 
@@ -47,7 +48,7 @@ class MosaicV2LayerSubmodules:
 
 class MosaicLayer(MosaicModule, BaseTransformerLayer):
     """Common part of both blocks: layer numbering (global, 1-based, like TransformerLayer),
-    the MemoryContext check and the residual dropout."""
+    the layer's initialisation stream, the MemoryContext check and the residual dropout."""
 
     def __init__(self, config: MosaicConfig, layer_number: int = 1, hidden_dropout: Optional[float] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None, vp_stage: Optional[int] = None):
@@ -56,8 +57,13 @@ class MosaicLayer(MosaicModule, BaseTransformerLayer):
         MosaicModule.__init__(self, config, pg_collection.tp)
         BaseTransformerLayer.__init__(self)
         self.pg_collection = pg_collection
-        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, get_pg_rank(pg_collection.pp))
+        self.layer_number = global_layer_number(config, layer_number, vp_stage, pg_collection)
         self.hidden_dropout = config.hidden_dropout if hidden_dropout is None else hidden_dropout
+
+    def _init_rng(self):
+        """Scope of this layer's initial draws: its own stream of (init_seed, global layer
+        number), so the layer starts from the same weights whichever stage builds it."""
+        return init_rng(init_seed_of(self.config), layer_stream(self.layer_number))
 
     def _norm(self, spec) -> Any:
         return build_module(spec, config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
@@ -92,10 +98,11 @@ class MosaicV1Layer(MosaicLayer):
                  vp_stage: Optional[int] = None):
         super().__init__(config, layer_number, hidden_dropout, pg_collection, vp_stage)
         inits = dict(init_method=config.init_method, output_init_method=config.output_layer_init_method)
-        self.input_layernorm = self._norm(submodules.input_layernorm)
-        self.contextual_memory = build_module(submodules.contextual_memory, config=config, tp_group=self.tp_group, **inits)
-        self.pre_persistent_layernorm = self._norm(submodules.pre_persistent_layernorm)
-        self.persistent_memory = build_module(submodules.persistent_memory, config=config, tp_group=self.tp_group, **inits)
+        with self._init_rng():
+            self.input_layernorm = self._norm(submodules.input_layernorm)
+            self.contextual_memory = build_module(submodules.contextual_memory, config=config, tp_group=self.tp_group, **inits)
+            self.pre_persistent_layernorm = self._norm(submodules.pre_persistent_layernorm)
+            self.persistent_memory = build_module(submodules.persistent_memory, config=config, tp_group=self.tp_group, **inits)
 
     def forward(self, hidden_states: Tensor, attention_mask: Any = None, context: Any = None, **kwargs: Any):
         """hidden_states [s, b, d] -> ([s, b, d], context)."""
@@ -122,10 +129,12 @@ class MosaicV2Layer(MosaicLayer):
         # Megatron's MLP reads its inits from its config: give it a per-layer copy.
         mlp_config = copy.copy(config)
         mlp_config.init_method, mlp_config.output_layer_init_method = init, init_fc2
-        self.input_layernorm = self._norm(submodules.input_layernorm)
-        self.memory = build_module(submodules.memory, config=config, tp_group=self.tp_group, init_method=init)
-        self.pre_mlp_layernorm = self._norm(submodules.pre_mlp_layernorm)
-        self.mlp = build_module(submodules.mlp, config=mlp_config, ffn_hidden_size=config.ffn_hidden_size, tp_group=self.tp_group)
+        with self._init_rng():
+            self.input_layernorm = self._norm(submodules.input_layernorm)
+            self.memory = build_module(submodules.memory, config=config, tp_group=self.tp_group, init_method=init)
+            self.pre_mlp_layernorm = self._norm(submodules.pre_mlp_layernorm)
+            self.mlp = build_module(submodules.mlp, config=mlp_config, ffn_hidden_size=config.ffn_hidden_size,
+                                    tp_group=self.tp_group)
 
     def forward(self, hidden_states: Tensor, attention_mask: Any = None, context: Any = None, **kwargs: Any):
         """hidden_states [s, b, d] -> ([s, b, d], context)."""

@@ -19,6 +19,7 @@ from ..memory import SequenceLayout
 from ..parallel.dispatch import context_parallel_size
 from .config import MosaicConfig
 from .context import MemoryContext
+from .init_rng import EMBEDDING, OUTPUT_LAYER, init_rng, init_seed_of
 from .specs import get_mosaic_block_spec, get_mosaic_layer_local_spec
 
 
@@ -32,6 +33,10 @@ class MosaicModel(LanguageModule):
 
     eod_token_id: document separator used to build the SequenceLayout when
     ``config.document_masking`` is on and no layout is passed (None: one document per row).
+
+    Initial weights: with ``config.init_seed`` set, the embedding, each layer, the final norm
+    and the output layer draw from their own streams (``model.init_rng``), so every parallel
+    layout builds the single-process weights.
     """
 
     def __init__(self, config: MosaicConfig, vocab_size: int, pre_process: bool = True, post_process: bool = True,
@@ -50,11 +55,13 @@ class MosaicModel(LanguageModule):
         self.share_embeddings_and_output_weights = config.mosaic_version == 1
         self.layer_spec = layer_spec or get_mosaic_layer_local_spec(config.mosaic_version)
 
+        seed = init_seed_of(config)
         if pre_process:
-            self.embedding = LanguageModelEmbedding(
-                config=config, vocab_size=vocab_size, max_sequence_length=0, position_embedding_type="none",
-                tp_group=self.pg_collection.tp,
-            )
+            with init_rng(seed, EMBEDDING):
+                self.embedding = LanguageModelEmbedding(
+                    config=config, vocab_size=vocab_size, max_sequence_length=0, position_embedding_type="none",
+                    tp_group=self.pg_collection.tp,
+                )
         self.decoder = TransformerBlock(
             config=config, spec=get_mosaic_block_spec(config, self.layer_spec, vp_stage, self._pp_rank()),
             pre_process=pre_process, post_process=post_process, pg_collection=self.pg_collection, vp_stage=vp_stage,
@@ -62,12 +69,13 @@ class MosaicModel(LanguageModule):
         if post_process:
             # v2 output σ = 1/√(2d) like the embedding; v1 is tied (the init is overwritten).
             output_init = config.embedding_init_method if config.mosaic_version == 2 else config.init_method
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=output_init, bias=False,
-                skip_bias_add=False, gather_output=False,
-                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
-                tp_group=self.pg_collection.tp,
-            )
+            with init_rng(seed, OUTPUT_LAYER):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    config.hidden_size, vocab_size, config=config, init_method=output_init, bias=False,
+                    skip_bias_add=False, gather_output=False,
+                    skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+                    tp_group=self.pg_collection.tp,
+                )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
 

@@ -10,11 +10,15 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl, TransformerBlockSubmodules, get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .config import MosaicConfig
 from .core_attention import SDPACoreAttention
 from .extractors import MemoryLinears
+from .init_rng import FINAL_NORM, global_layer_number, init_rng, init_seed_of, layer_stream, seeded_spec
 from .layers import MosaicV1Layer, MosaicV1LayerSubmodules, MosaicV2Layer, MosaicV2LayerSubmodules
 from .memories import ContextualMemory, LongShortMemory, PersistentMemory
 from .module import MosaicNorm
@@ -76,16 +80,40 @@ def get_mosaic_block_spec(
     config: MosaicConfig, layer_spec: ModuleSpec, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
 ) -> TransformerBlockSubmodules:
     """This pipeline stage's layers plus the final norm (the layers' own norm class, so v1's
-    LayerNorm bias follows add_bias_linear instead of Megatron's always-biased fallback)."""
+    LayerNorm bias follows add_bias_linear instead of Megatron's always-biased fallback), built
+    in its own initialisation stream."""
     num_layers = get_num_layers_to_build(config, vp_stage, pp_rank)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec] * num_layers, layer_norm=layer_spec.submodules.input_layernorm
+        layer_specs=[layer_spec] * num_layers, layer_norm=seeded_spec(layer_spec.submodules.input_layernorm, FINAL_NORM)
     )
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """Megatron's TransformerLayer built in its own initialisation stream, (init_seed, global
+    layer number), like the Mosaic layers: the same weights whichever pipeline stage builds it."""
+
+    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout: Optional[float] = None,
+                 pg_collection=None, vp_stage: Optional[int] = None):
+        number = global_layer_number(config, layer_number, vp_stage, pg_collection)
+        with init_rng(init_seed_of(config), layer_stream(number)):
+            super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
+                             pg_collection=pg_collection, vp_stage=vp_stage)
 
 
 def get_gpt_baseline_layer_spec() -> ModuleSpec:
     """Megatron's local GPT layer, Llama-style (RMSNorm; SwiGLU and no bias come from the
-    config), with the device-agnostic SDPA core attention instead of DotProductAttention."""
+    config), with the device-agnostic SDPA core attention instead of DotProductAttention, and
+    its own initialisation stream (SeededTransformerLayer)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.module = SeededTransformerLayer
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
+
+
+def get_gpt_baseline_block_spec(config, vp_stage: Optional[int] = None,
+                                pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """This pipeline stage's baseline layers plus Megatron's final norm, in its own stream."""
+    num_layers = get_num_layers_to_build(config, vp_stage, pp_rank)
+    return TransformerBlockSubmodules(
+        layer_specs=[get_gpt_baseline_layer_spec()] * num_layers, layer_norm=seeded_spec(LayerNormImpl, FINAL_NORM)
+    )

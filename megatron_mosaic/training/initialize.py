@@ -149,12 +149,17 @@ def _check_existing_layout(args: argparse.Namespace) -> None:
 
 
 def set_random_seeds(seed: int) -> None:
-    """Seed python, numpy and torch; pipeline stages get distinct streams as in Megatron-LM.
+    """Seed python, numpy and torch (the runtime streams: dropout, sampling); pipeline stages get
+    distinct streams as in Megatron-LM.
 
-    Tensor-parallel ranks share the seed so CPU-initialised master weights agree before they
-    are split. On GPU Megatron's CUDA RNG tracker gives TP regions their own streams; on the CPU
-    that tracker cannot be built, so a no-op tracker is installed (dropout in TP regions then
-    draws from the rank's CPU generator).
+    Initial weights do not come from these streams: model_builder sets ``config.init_seed`` =
+    ``args.seed`` and every layer, the embedding, output layer and final norm draw from their
+    own stream of it (megatron_mosaic.model.init_rng), so the per-stage offset below cannot
+    make a PP layout start from other weights than one process. Tensor-parallel ranks share the
+    seed so anything built without ``init_seed`` still agrees across them. On GPU Megatron's
+    CUDA RNG tracker gives TP regions their own streams; on the CPU that tracker cannot be
+    built, so a no-op tracker is installed (dropout in TP regions then draws from the rank's
+    CPU generator).
     """
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)

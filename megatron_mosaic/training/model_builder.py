@@ -13,7 +13,6 @@ from typing import Any, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -48,9 +47,13 @@ def _common_config_fields(args: argparse.Namespace) -> dict[str, Any]:
         # dtype; the forward step casts each stage's output to it (see loop.make_forward_step).
         params_dtype=torch.float32,
         pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        # Full weights are drawn on the CPU from the shared seed, then split: identical initial
-        # models for every TP size. Always on without CUDA (the GPU init path forks CUDA RNGs).
+        # Full weights are drawn on the CPU, then split: identical initial models for every TP
+        # size. Always on without CUDA (the GPU init path forks CUDA RNGs).
         use_cpu_initialization=args.use_cpu_initialization or not torch.cuda.is_available(),
+        # Each layer, the embedding, the output layer and the final norm draw from their own
+        # stream of this seed (model.init_rng), so PP / virtual PP stages build the layers the
+        # single-process model builds, not whatever their rank's RNG stream holds next.
+        init_seed=args.seed,
         # The loss is a sum over tokens divided by the global token count (finalize_model_grads),
         # so any DP x micro-batch split of a global batch gives the same gradient.
         calculate_per_token_loss=True,
@@ -68,11 +71,12 @@ def _backend() -> str:
 
 
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """MosaicConfig for mosaic-v1/v2, a Llama-style TransformerConfig for the GPT baseline."""
+    """MosaicConfig for mosaic-v1/v2, a Llama-style GPTBaselineConfig for the GPT baseline."""
     fields = _common_config_fields(args)
     if args.model == "gpt":
-        return TransformerConfig(normalization="RMSNorm", gated_linear_unit=True,
-                                 activation_func=F.silu, add_bias_linear=False, **fields)
+        from megatron_mosaic.model.gpt_baseline import gpt_baseline_config
+
+        return gpt_baseline_config(**fields)
     from megatron_mosaic.model.config import MosaicConfig
 
     version = 1 if args.model == "mosaic-v1" else 2

@@ -19,8 +19,8 @@ def tiny_config(version: int, tp: int = 1, **overrides) -> MosaicConfig:
     return MosaicConfig(mosaic_version=version, tensor_model_parallel_size=tp, **{**TINY, **extra, **overrides})
 
 
-def tiny_gpt_config(tp: int = 1):
-    return gpt_baseline_config(tensor_model_parallel_size=tp, **TINY)
+def tiny_gpt_config(tp: int = 1, **overrides):
+    return gpt_baseline_config(tensor_model_parallel_size=tp, **{**TINY, **overrides})
 
 
 def randomize_per_head_(model: torch.nn.Module, generator: torch.Generator) -> None:

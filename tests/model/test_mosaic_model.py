@@ -209,18 +209,19 @@ def test_gpt_sdpa_attention_matches_causal_softmax(packed):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_config_round_trip_and_validation(version):
-    cfg = tiny_config(version, long_term_inference_delay=7, hidden_dropout=0.1)
+    cfg = tiny_config(version, long_term_inference_delay=7, hidden_dropout=0.1, init_seed=9)
     d = cfg.to_dict()
     again = mosaic_config_from_dict(d)
     assert again.to_dict() == d
     for field in ("mosaic_version", "persistent_memory_size", "add_bias_linear", "normalization",
-                  "gated_linear_unit", "ffn_hidden_size", "long_term_delay_range", "hidden_dropout"):
+                  "gated_linear_unit", "ffn_hidden_size", "long_term_delay_range", "hidden_dropout", "init_seed"):
         assert getattr(again, field) == getattr(cfg, field), field
     assert again.activation_func is cfg.activation_func
     assert mosaic_config_from_dict(d, tensor_model_parallel_size=2).tensor_model_parallel_size == 2
-    gpt = tiny_gpt_config()
+    gpt = tiny_gpt_config(init_seed=9)
     gpt_again = config_from_dict(config_to_dict(gpt))
-    assert type(gpt_again).__name__ == "TransformerConfig" and gpt_again.activation_func is F.silu
+    assert type(gpt_again).__name__ == "GPTBaselineConfig" and gpt_again.activation_func is F.silu
+    assert gpt_again.init_seed == 9
     with pytest.raises(ValueError, match="unknown"):
         mosaic_config_from_dict({**d, "no_such_field": 1})
 
