@@ -47,7 +47,8 @@ COMMON=(
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 384
     --seq-length 256 --micro-batch-size 2 --global-batch-size 8
     --train-iters "$ITERS" --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 30
-    --weight-decay 0.1 --clip-grad 1.0 --seed 1234
+    --weight-decay 0.1 --clip-grad 1.0 --seed 1234 --adam-beta2 0.95
+    --hidden-dropout 0 --attention-dropout 0 --num-workers 0
     --log-interval 25 --eval-interval 100 --eval-iters 20 --per-position-eval-iters 50 --no-progress-bar
     --short-term-window 64 --long-term-delay-range 16 64 --long-term-inference-delay 16
 )

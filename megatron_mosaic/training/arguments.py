@@ -12,7 +12,18 @@ import argparse
 import importlib.util
 from typing import Any, Optional, Sequence
 
-# Stdlib-only module: arguments still parse before torch/megatron are imported.
+# Stdlib-only modules: arguments still parse before torch/megatron are imported.
+from megatron_mosaic.training.megatron_flags import add_megatron_flags, check_megatron_flags
+from megatron_mosaic.training.observability_args import (
+    add_observability_args,
+    check_observability_args,
+)
+from megatron_mosaic.training.schedule_args import (
+    add_schedule_args,
+    check_schedule_args,
+    derive_schedule,
+    scheduler_steps,
+)
 from megatron_mosaic.data.tokenizers import (
     EOD_TOKEN_HELP,
     TOKENIZER_TYPE_HELP,
@@ -21,6 +32,8 @@ from megatron_mosaic.data.tokenizers import (
 )
 
 MODELS = ("mosaic-v1", "mosaic-v2", "gpt")
+# Megatron-LM's choices; only torch_dist is written and read here (the others are refused by name).
+CKPT_FORMATS = ("torch", "torch_dist", "zarr", "torch_dcp", "fsdp_dtensor")
 
 
 class ArgumentError(ValueError):
@@ -37,8 +50,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="SwiGLU MLP width (mosaic-v2 and gpt); default 3 * hidden size (paper)")
     g.add_argument("--seq-length", type=int, default=256)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=None,
+                   help="gpt: default 0.1 (Megatron-LM); Mosaic memories have no attention "
+                        "probabilities to drop, so 0 is their default and only value")
     g.add_argument("--disable-bias-linear", action="store_true",
                    help="no biases in linear layers (mosaic-v1; v2 and gpt never use them)")
     g.add_argument("--use-cpu-initialization", action="store_true",
@@ -63,16 +78,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro batch size * data-parallel size")
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights")
@@ -111,7 +120,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP size (Megatron-LM)")
     g.add_argument("--data-cache-path", default=None)
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read .bin files instead of memory-mapping them")
 
 
 def _add_checkpoint_and_logging_args(p: argparse.ArgumentParser) -> None:
@@ -121,20 +132,30 @@ def _add_checkpoint_and_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save neither the optimizer state nor the learning-rate scheduler")
+    g.add_argument("--no-save-rng", action="store_true", help="save no RNG states")
+    g.add_argument("--finetune", action="store_true",
+                   help="--load the model weights only: no optimizer, scheduler or RNG state, "
+                        "iteration and consumed samples start at 0")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model and tokenizer arguments from the --load checkpoint")
+    g.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
+                   help="torch_dist only: Megatron-Core distributed checkpoints")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM save a checkpoint and exit cleanly")
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--exit-interval", type=int, default=None)
     e = p.add_argument_group("evaluation and logging")
     e.add_argument("--eval-interval", type=int, default=1000)
-    e.add_argument("--eval-iters", type=int, default=10)
+    e.add_argument("--eval-iters", type=int, default=100)
     e.add_argument("--per-position-eval-iters", type=int, default=None,
                    help="batches for the final per-position validation loss; default --eval-iters; "
                         "0 skips it")
     e.add_argument("--eval-seq-length", type=int, default=None,
                    help="sequence length of the final per-position validation pass (default "
                         "--seq-length); longer shows in-context learning beyond the training length")
-    e.add_argument("--log-interval", type=int, default=10)
+    e.add_argument("--log-interval", type=int, default=100)
     e.add_argument("--tensorboard-dir", default=None)
     e.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
 
@@ -150,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(p)
     _add_data_args(p)
     _add_checkpoint_and_logging_args(p)
+    add_schedule_args(p)
+    add_observability_args(p)
+    add_megatron_flags(p)
     return p
 
 
@@ -163,8 +187,9 @@ def _derive(args: argparse.Namespace, world_size: int) -> None:
         args.ffn_hidden_size = 3 * args.hidden_size
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
+    if args.attention_dropout is None:  # see --attention-dropout's help
+        args.attention_dropout = 0.1 if args.model == "gpt" else 0.0
+    derive_schedule(args)
     if args.per_position_eval_iters is None:
         args.per_position_eval_iters = args.eval_iters
     if args.eval_seq_length is None:
@@ -175,6 +200,14 @@ def _derive(args: argparse.Namespace, world_size: int) -> None:
         layers_per_stage = args.num_layers // args.pipeline_model_parallel_size
         args.virtual_pipeline_model_parallel_size = (
             layers_per_stage // args.num_layers_per_virtual_pipeline_stage)
+
+
+def _warmup_message(args: argparse.Namespace) -> str:
+    unit = "iters" if args.train_samples is None else "samples"
+    warmup = (f"--lr-warmup-fraction ({args.lr_warmup_fraction})" if args.lr_warmup_fraction is not None
+              else f"--lr-warmup-{unit} ({getattr(args, f'lr_warmup_{unit}')})")
+    return (f"{warmup} must give a warmup shorter than --lr-decay-{unit} "
+            f"({getattr(args, f'lr_decay_{unit}')}, default --train-{unit})")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -189,13 +222,19 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
                  "context_parallel_size", "log_interval", "eval_interval"):
         value = getattr(args, name)
         _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    _check(args.train_iters >= 0, f"--train-iters must be >= 0, got {args.train_iters}")
     tp, pp, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                   args.context_parallel_size)
     _check(world_size % (tp * pp * cp) == 0,
            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp})")
+    if args.use_checkpoint_args:
+        _use_checkpoint_args(args)
+    if args.rampup_batch_size is not None:  # the ramp is checked before derive counts its steps
+        args.data_parallel_size = world_size // (tp * pp * cp)
+        args.global_batch_size = args.global_batch_size or args.micro_batch_size * args.data_parallel_size
+    check_schedule_args(args, _check)
     _derive(args, world_size)
+    _check(args.train_iters >= 0, f"--train-iters must be >= 0, got {args.train_iters}")
     dp = args.data_parallel_size
     _check(args.hidden_size % args.num_attention_heads == 0,
            f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
@@ -234,12 +273,25 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _check(args.eval_seq_length >= 1 and args.eval_seq_length % (2 * cp if cp > 1 else 1) == 0,
            f"--eval-seq-length ({args.eval_seq_length}) must be >= 1"
            + (f" and divisible by 2 x --context-parallel-size ({cp})" if cp > 1 else ""))
-    _check(0.0 <= args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be in [0, --lr ({args.lr})]")
-    _check(args.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
-    _check(args.lr_warmup_iters < args.lr_decay_iters or args.lr_decay_style == "constant"
+    steps = scheduler_steps(args)
+    _check(steps["lr_warmup_steps"] < steps["lr_decay_steps"] or args.lr_decay_style == "constant"
            or args.train_iters == 0,
-           f"--lr-warmup-iters ({args.lr_warmup_iters}) must be < --lr-decay-iters "
-           f"({args.lr_decay_iters}, default --train-iters)")
+           _warmup_message(args))
+    if args.lr_decay_style == "WSD":
+        _check(steps["wsd_decay_steps"] is not None,
+               "--lr-decay-style WSD needs --lr-wsd-decay-iters (or --lr-wsd-decay-samples)")
+    if args.model != "gpt":
+        _check(args.attention_dropout == 0.0,
+               f"--attention-dropout {args.attention_dropout}: Mosaic memories have no attention "
+               f"probabilities to drop (use --hidden-dropout)")
+    _check(0.0 <= args.hidden_dropout < 1.0, f"--hidden-dropout must be in [0, 1)")
+    _check(args.ckpt_format == "torch_dist",
+           f"--ckpt-format {args.ckpt_format} is not supported: checkpoints here are Megatron-Core "
+           f"distributed checkpoints (torch_dist)")
+    if args.finetune or args.use_checkpoint_args:
+        _check(args.load is not None, "--finetune and --use-checkpoint-args need --load")
+    check_observability_args(args, _check)
+    check_megatron_flags(args, lambda message: _check(False, message))
     _check(args.clip_grad >= 0.0, f"--clip-grad must be >= 0, got {args.clip_grad}")
     _check(args.weight_decay >= 0.0, f"--weight-decay must be >= 0, got {args.weight_decay}")
     low, high = args.long_term_delay_range
@@ -264,6 +316,30 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _check_tokenizer_args(args)
     _check_fp8_and_te(args)
     return args
+
+
+# What --use-checkpoint-args takes from the checkpoint (Megatron-LM's load_args_from_checkpoint
+# takes the model shape and the tokenizer; the parallel layout stays the command line's).
+CHECKPOINT_MODEL_ARGS = (
+    "model", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+    "disable_bias_linear", "persistent_memory_size", "short_term_window", "long_term_delay_range",
+    "long_term_inference_delay", "bandwidth_theta_init", "bandwidth_alpha_init", "document_masking",
+    "v1_key_scale_max", "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file",
+    "vocab_size", "eod_token", "make_vocab_size_divisible_by",
+)
+
+
+def _use_checkpoint_args(args: argparse.Namespace) -> None:
+    _check(args.load is not None, "--use-checkpoint-args needs --load")
+    from megatron_mosaic.training.checkpointing import read_checkpoint_args
+
+    try:
+        saved = read_checkpoint_args(args.load)
+    except (FileNotFoundError, ValueError) as err:
+        raise ArgumentError(f"--use-checkpoint-args: {err}") from None
+    for key in CHECKPOINT_MODEL_ARGS:
+        if key in saved:
+            setattr(args, key, tuple(saved[key]) if key == "long_term_delay_range" else saved[key])
 
 
 def _check_tokenizer_args(args: argparse.Namespace) -> None:
@@ -343,6 +419,8 @@ def args_from_dict(saved: dict[str, Any], **overrides: Any) -> argparse.Namespac
     for key, value in {**saved, **overrides}.items():
         setattr(args, key, value)
     args.long_term_delay_range = tuple(args.long_term_delay_range)
+    if args.attention_dropout is None:  # as _derive: the model's default
+        args.attention_dropout = 0.1 if args.model == "gpt" else 0.0
     return args
 
 

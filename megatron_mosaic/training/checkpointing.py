@@ -5,7 +5,7 @@ Layout::
     DIR/latest_checkpointed_iteration.txt   iteration number, written last and atomically
     DIR/iter_0000100/                       a dist_checkpointing directory
 
-Common state: ``args`` (every run argument), ``iteration``, ``consumed_samples``, ``scheduler``
+Common state: ``args`` (every run argument), ``iteration``, ``consumed_samples``, ``opt_param_scheduler``
 and the optimizer's hyper-parameters. Sharded state: ``model`` (``model.sharded_state_dict()``,
 or ``model0``, ``model1``... for virtual pipeline chunks), ``optimizer`` (Adam moments sharded
 like their parameters) and ``rng_state`` (python, numpy, torch and CUDA states of every rank).
@@ -34,7 +34,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 logger = logging.getLogger(__name__)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 1
+# 2: the learning-rate scheduler is saved as "opt_param_scheduler" (Megatron-LM's key) and counts
+# samples as Megatron-LM's does; 1 saved it as "scheduler", counting iterations (still loads).
+CHECKPOINT_VERSION = 2
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -130,7 +132,7 @@ def _write_tracker(root: str, iteration: int) -> None:
 
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer: Any = None, scheduler: Any = None, *, args: dict[str, Any],
-                    consumed_samples: int = 0) -> str:
+                    consumed_samples: int = 0, save_rng: bool = True) -> str:
     """Save a checkpoint collectively (every rank calls this); returns its directory."""
     final = checkpoint_dir(save_dir, iteration)
     if read_tracker(save_dir) == iteration and os.path.isdir(final):
@@ -145,12 +147,16 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.
     dist.barrier()
 
     state: dict[str, Any] = _model_sharded_state_dict(model_chunks)
-    state["rng_state"] = _rng_sharded_object()
+    if save_rng:
+        state["rng_state"] = _rng_sharded_object()
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(_model_part(state))
     if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    state.update(args=dict(args), iteration=iteration, consumed_samples=consumed_samples,
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    # args stays a dict (not Megatron-LM's Namespace): our readers (HF export, --load checks)
+    # index it; Megatron-LM's consumed_train_samples is added under its name.
+    state.update(args={**args, "consumed_train_samples": consumed_samples, "has_rng_state": save_rng},
+                 iteration=iteration, consumed_samples=consumed_samples,
                  checkpoint_version=CHECKPOINT_VERSION)
     dist_checkpointing.save(state, staging, sharded_strategy=("torch_dist", 1))
 
@@ -204,7 +210,9 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
         and saved_args.get("pipeline_model_parallel_size") == parallel_state.get_pipeline_model_parallel_world_size()
         and saved_args.get("data_parallel_size", 0) * saved_args.get("context_parallel_size", 1) == dp_cp
     )
-    if load_rng and same_layout:
+    if load_rng and not saved_args.get("has_rng_state", True):
+        _warn_once(f"{path} holds no RNG states (--no-save-rng): they are not restored")
+    elif load_rng and same_layout:
         request["rng_state"] = _rng_sharded_object(for_loading=True)
     elif load_rng:
         _warn_once(f"{path} was saved with another TP/PP/DP layout: RNG states not restored")
@@ -216,13 +224,26 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None and "scheduler" in common:
-        scheduler.load_state_dict(common["scheduler"])
+    if scheduler is not None and _scheduler_state(common) is not None:
+        scheduler.load_state_dict(_scheduler_state(common))
     if "rng_state" in request:
         rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
         _set_local_rng_state(loaded["rng_state"][rank])
     return {"iteration": int(common["iteration"]),
             "consumed_samples": int(common.get("consumed_samples", 0)), "args": dict(saved_args)}
+
+
+def _scheduler_state(common: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The scheduler's state in samples; version-1 checkpoints counted iterations."""
+    if "opt_param_scheduler" in common:
+        return common["opt_param_scheduler"]
+    if "scheduler" not in common:
+        return None
+    state = dict(common["scheduler"])
+    batch = int(common["args"]["global_batch_size"])
+    for key in ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps"):
+        state[key] = state[key] * batch
+    return state
 
 
 class CheckpointMismatchError(ValueError):

@@ -23,7 +23,8 @@ class DataSources:
 
 def build_data(args: argparse.Namespace) -> DataSources:
     """Datasets and vocabulary: synthetic for --mock-data, else the preprocessed corpus."""
-    train_samples = max(args.train_iters, 1) * args.global_batch_size
+    train_samples = (getattr(args, "train_samples", None)
+                     or max(args.train_iters, 1) * args.global_batch_size)
     valid_samples = max(args.eval_iters, args.per_position_eval_iters, 1) * args.global_batch_size
     if args.mock_data:
         return _mock_data(args, train_samples, valid_samples)

@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mosaic.training.arguments import num_microbatches
+from megatron_mosaic.training.batch_schedule import batch_for_step
 from megatron_mosaic.training.initialize import device
 
 Batch = dict[str, torch.Tensor]
@@ -43,6 +44,7 @@ class StepResult:
     loss: float  # mean per-token loss of the global batch
     grad_norm: float  # before clipping
     lr: float  # the learning rate this step used
+    samples: int = 0  # the global batch size of this step
 
 
 def long_term_delay_for_step(args: argparse.Namespace, iteration: int) -> Optional[int]:
@@ -123,12 +125,13 @@ def make_forward_step(args: argparse.Namespace, long_term_delay: Optional[int],
 
 
 def _run_schedule(args: argparse.Namespace, model: Sequence[torch.nn.Module],
-                  data_iterators: DataIterators, forward_step: Callable, forward_only: bool) -> list:
+                  data_iterators: DataIterators, forward_step: Callable, forward_only: bool,
+                  microbatches: Optional[int] = None) -> list:
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
         model=list(model) if len(model) > 1 else model[0],
-        num_microbatches=num_microbatches(args),
+        num_microbatches=microbatches or num_microbatches(args),
         # The full length: megatron-core 0.16.1's get_tensor_shapes divides by the CP size itself.
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
@@ -148,15 +151,35 @@ def _reduce_reports(store: list[dict[str, torch.Tensor]], key: str, shape: Seque
     return total
 
 
+@contextlib.contextmanager
+def _timed(timer: Callable, name: str):
+    """Megatron timers (``--timing-log-level``) have start/stop; a null timer does nothing."""
+    t = timer(name)
+    if not hasattr(t, "start"):
+        yield
+        return
+    t.start()
+    try:
+        yield
+    finally:
+        t.stop()
+
+
 def train_step(args: argparse.Namespace, model: Sequence[torch.nn.Module], optimizer: Any,
-               scheduler: Any, data_iterators: DataIterators, state: TrainState) -> StepResult:
+               scheduler: Any, data_iterators: DataIterators, state: TrainState,
+               timer: Optional[Callable] = None) -> StepResult:
     """One optimizer step over a global batch.
 
     Raises TrainingDivergedError, before touching the weights, if either is not finite.
     """
     optimizer.zero_grad()
+    # Constant, or growing under --rampup-batch-size (megatron-core's microbatch calculator).
+    microbatches, batch_size = batch_for_step(state.consumed_samples)
     forward_step = make_forward_step(args, long_term_delay_for_step(args, state.iteration))
-    store = _run_schedule(args, model, data_iterators, forward_step, forward_only=False)
+    # Megatron's schedules time "forward-backward" themselves (config.timers).
+    store = _run_schedule(args, model, data_iterators, forward_step, forward_only=False,
+                          microbatches=microbatches)
+    timer = timer or (lambda name: contextlib.nullcontext())
     loss_sum, tokens = _reduce_reports(store, "lm loss", (2,)).tolist()
     loss = loss_sum / max(tokens, 1.0)
     step = state.iteration + 1
@@ -164,15 +187,16 @@ def train_step(args: argparse.Namespace, model: Sequence[torch.nn.Module], optim
         raise TrainingDivergedError(f"iteration {step}: training loss is {loss}; stopping without "
                                     f"saving (the last checkpoint is untouched)")
     lr = optimizer.param_groups[0]["lr"]
-    grad_norm = optimizer.step()
+    with _timed(timer, "optimizer"):
+        grad_norm = optimizer.step()
     if not math.isfinite(grad_norm):
         raise TrainingDivergedError(f"iteration {step}: gradient norm is {grad_norm} (loss "
                                     f"{loss:.4f}); stopping without saving (the last checkpoint "
                                     f"is untouched)")
-    scheduler.step(1)
+    scheduler.step(batch_size)  # the scheduler counts samples, as Megatron-LM's
     state.iteration = step
-    state.consumed_samples += args.global_batch_size
-    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr)
+    state.consumed_samples += batch_size
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, samples=batch_size)
 
 
 @torch.no_grad()

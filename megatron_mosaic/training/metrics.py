@@ -31,12 +31,18 @@ class TrainingReporter:
     """
 
     def __init__(self, *, rank: int, train_iters: int, start_iteration: int, log_interval: int,
-                 tokens_per_iteration: int, tensorboard_dir: Optional[str], progress_bar: bool):
+                 tokens_per_iteration: int, tensorboard_dir: Optional[str], progress_bar: bool,
+                 flops_per_sample: Optional[float] = None, world_size: int = 1,
+                 seq_length: Optional[int] = None):
         self.enabled = rank == 0
+        self.flops_per_sample = flops_per_sample  # --log-throughput
+        self.world_size = world_size
+        self.seq_length = seq_length  # tokens per sample, when steps report their samples
+        self.last_scalars: dict[str, float] = {}  # the numbers of the last log line
         self.train_iters = train_iters
         self.log_interval = log_interval
         self.tokens_per_iteration = tokens_per_iteration
-        self._window = [0, 0.0, 0.0]  # iterations, seconds, loss sum since the last log line
+        self._window = [0, 0.0, 0.0, 0]  # iterations, seconds, loss sum, samples since last log
         self.total_iters = 0
         self.total_seconds = 0.0
         self.writer = None
@@ -68,15 +74,22 @@ class TrainingReporter:
         return self.tokens_per_iteration * self.total_iters / self.total_seconds
 
     def iteration_done(self, iteration: int, loss: float, lr: float, grad_norm: float,
-                       consumed_samples: int, step_seconds: float) -> None:
-        """Record one finished iteration (1-based ``iteration``); log when the interval is due."""
+                       consumed_samples: int, step_seconds: float, samples: int = 0) -> int:
+        """Record one finished iteration (1-based ``iteration``); log when the interval is due.
+
+        Returns the iterations the log line covers (0 when none is due), the same on every rank."""
         self._window[0] += 1
         self._window[1] += step_seconds
         self._window[2] += loss
+        self._window[3] += samples
         self.total_iters += 1
         self.total_seconds += step_seconds
+        due = not (iteration % self.log_interval and iteration != self.train_iters)
+        window = self._window[0]
         if not self.enabled:
-            return
+            if due:
+                self._window = [0, 0.0, 0.0, 0]
+            return window if due else 0
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -84,21 +97,32 @@ class TrainingReporter:
             self.writer.add_scalar("train/loss", loss, iteration)
             self.writer.add_scalar("train/lr", lr, iteration)
             self.writer.add_scalar("train/grad_norm", grad_norm, iteration)
-        if iteration % self.log_interval and iteration != self.train_iters:
-            return
-        iters, seconds, loss_sum = self._window
-        self._window = [0, 0.0, 0.0]
+        if not due:
+            return 0
+        iters, seconds, loss_sum, window_samples = self._window
+        self._window = [0, 0.0, 0.0, 0]
         ms_per_iter = 1000.0 * seconds / iters
-        tokens_per_s = self.tokens_per_iteration * iters / max(seconds, 1e-9)
+        # Samples actually trained (a batch-size ramp changes them); else the nominal batch.
+        tokens = (window_samples * self.seq_length if window_samples and self.seq_length
+                  else self.tokens_per_iteration * iters)
+        tokens_per_s = tokens / max(seconds, 1e-9)
         eta = (self.train_iters - iteration) * ms_per_iter / 1000.0
-        self.print(
-            f" iteration {iteration:>7d}/{self.train_iters} | consumed samples {consumed_samples:>9d} "
-            f"| loss {loss_sum / iters:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} "
-            f"| tokens/s {tokens_per_s:,.0f} | ms/iter {ms_per_iter:.1f} | ETA {format_duration(eta)}"
-        )
+        line = (f" iteration {iteration:>7d}/{self.train_iters} | consumed samples {consumed_samples:>9d} "
+                f"| loss {loss_sum / iters:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} "
+                f"| tokens/s {tokens_per_s:,.0f} | ms/iter {ms_per_iter:.1f} | ETA {format_duration(eta)}")
+        self.last_scalars = {"train/tokens_per_s": tokens_per_s, "train/ms_per_iter": ms_per_iter,
+                             "train/loss": loss_sum / iters, "train/lr": lr}
+        if self.flops_per_sample is not None and window_samples:
+            # Megatron-LM's "throughput per GPU (TFLOP/s/GPU)": model FLOPs / time / devices.
+            tflops = (self.flops_per_sample * window_samples
+                      / (max(seconds, 1e-9) * 1e12 * self.world_size))
+            line += f" | TFLOP/s/device {tflops:.3g}"
+            self.last_scalars["throughput"] = tflops
+        self.print(line)
         if self.writer is not None:
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, iteration)
             self.writer.add_scalar("train/ms_per_iter", ms_per_iter, iteration)
+        return iters
 
     def validation(self, iteration: int, loss: float, tag: str = "validation") -> None:
         ppl = math.exp(min(loss, 50.0))

@@ -62,10 +62,14 @@ class MosaicOptimizer:
         # The scheduler sets each group's weight_decay to weight_decay * wd_mult every step.
         groups = [{"params": decay, "wd_mult": 1.0, "name": "decay"},
                   {"params": no_decay, "wd_mult": 0.0, "name": "no_decay"}]
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-            weight_decay=args.weight_decay, foreach=False,
-        )
+        if getattr(args, "optimizer", "adam") == "sgd":  # Megatron-LM's sgd: L2 weight decay
+            self.optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.sgd_momentum,
+                                             weight_decay=args.weight_decay, foreach=False)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                weight_decay=args.weight_decay, foreach=False,
+            )
 
     @property
     def param_groups(self) -> list[dict]:
@@ -123,10 +127,14 @@ class MosaicOptimizer:
 
     # ---- checkpointing -------------------------------------------------------------------
     def _init_state(self) -> None:
-        """Create zero Adam moments so a sharded load has tensors to fill."""
+        """Create zero Adam moments (SGD momentum buffers) so a sharded load has tensors to fill."""
+        sgd = isinstance(self.optimizer, torch.optim.SGD)
         for param in self.parameters():
             state = self.optimizer.state[param]
-            if not state:
+            if sgd and not state and self.optimizer.defaults["momentum"]:
+                # A zero buffer gives SGD's first step exactly (dampening 0): buf = 0*m + grad.
+                state["momentum_buffer"] = torch.zeros_like(param)
+            elif not sgd and not state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -156,12 +164,19 @@ class MosaicOptimizer:
 
 
 def build_scheduler(optimizer: MosaicOptimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
-    """Linear warmup then constant/linear/cosine decay to --min-lr (Megatron's scheduler)."""
-    decay_iters = max(args.lr_decay_iters, args.lr_warmup_iters + 1)
+    """Megatron's scheduler with Megatron-LM's lengths, counted in samples (step it by the
+    global batch size): warmup from --lr-warmup-init, then constant / linear / cosine /
+    inverse-square-root / WSD decay to --min-lr."""
+    from megatron_mosaic.training.schedule_args import scheduler_steps
+
+    steps = scheduler_steps(args)
+    # The scheduler asserts warmup < decay; a zero-length run (or constant lr) has no decay.
+    decay = max(steps["lr_decay_steps"], steps["lr_warmup_steps"] + 1)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=decay_iters,
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=steps["lr_warmup_steps"], lr_decay_steps=decay,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=decay_iters, wd_incr_style="constant",
+        wd_incr_steps=max(steps["wd_incr_steps"], 1), wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=True,
+        wsd_decay_steps=steps["wsd_decay_steps"], lr_wsd_decay_style=args.lr_wsd_decay_style,
     )

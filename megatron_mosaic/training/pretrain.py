@@ -37,6 +37,9 @@ from megatron_mosaic.training.loop import (
 )
 from megatron_mosaic.training.metrics import TrainingReporter, write_per_position_loss
 from megatron_mosaic.training.model_builder import build_model, pad_vocab_size, wrap_for_training
+from megatron_mosaic.training.batch_schedule import init_batch_schedule
+from megatron_mosaic.training.flops import model_flops_per_sample
+from megatron_mosaic.training.observability import Observability
 from megatron_mosaic.training.optimizer import MosaicOptimizer, build_scheduler
 
 
@@ -55,22 +58,35 @@ class Run:
         self.model = wrap_for_training(build_model(args))
         self.optimizer = MosaicOptimizer(self.model, args)
         self.scheduler = build_scheduler(self.optimizer, args)
+        self.obs = Observability(args, self.rank)
+        if args.timing_log_level > 0:  # Megatron's schedules and grad sync time themselves
+            self.model[0].config.timers = self.obs.timers
+        init_batch_schedule(args, self.rank)
         self.state = TrainState()
         if args.load:
-            loaded = load_checkpoint(args.load, self.model,
-                                     None if args.no_load_optim else self.optimizer,
-                                     None if args.no_load_optim else self.scheduler,
-                                     load_rng=not args.no_load_rng)
-            self.state = TrainState(loaded["iteration"], loaded["consumed_samples"])
-            if loaded["args"] is not None:
-                self.log(f" loaded checkpoint from {args.load} at iteration {self.state.iteration}")
+            self._load()
+        flops = model_flops_per_sample(args, self.model) if args.log_throughput else None
         self.reporter = TrainingReporter(
             rank=self.rank, train_iters=args.train_iters, start_iteration=self.state.iteration,
             log_interval=args.log_interval, tokens_per_iteration=tokens_per_iteration(args),
-            tensorboard_dir=args.tensorboard_dir, progress_bar=args.progress_bar)
+            tensorboard_dir=args.tensorboard_dir, progress_bar=args.progress_bar,
+            flops_per_sample=flops, world_size=dist.get_world_size(), seq_length=args.seq_length)
         self.losses: list[float] = []
         self.saved_iteration: Optional[int] = None
         self.last_validation: Optional[tuple[int, float]] = None
+
+    def _load(self) -> None:
+        """--load: everything to resume; with --finetune the weights only, from iteration 0."""
+        args = self.args
+        keep_optim = not (args.no_load_optim or args.finetune)
+        loaded = load_checkpoint(args.load, self.model, self.optimizer if keep_optim else None,
+                                 self.scheduler if keep_optim else None,
+                                 load_rng=not (args.no_load_rng or args.finetune))
+        if not args.finetune:
+            self.state = TrainState(loaded["iteration"], loaded["consumed_samples"])
+        if loaded["args"] is not None:
+            what = "weights for finetuning" if args.finetune else "checkpoint"
+            self.log(f" loaded {what} from {args.load} (saved at iteration {loaded['iteration']})")
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -79,11 +95,23 @@ class Run:
     def save(self) -> None:
         if not self.args.save or self.saved_iteration == self.state.iteration:
             return
-        path = save_checkpoint(self.args.save, self.state.iteration, self.model, self.optimizer,
-                               self.scheduler, args=args_to_dict(self.args),
-                               consumed_samples=self.state.consumed_samples)
+        no_optim = self.args.no_save_optim  # Megatron-LM: neither optimizer nor scheduler
+        with self.obs.timed("save-checkpoint"):
+            path = save_checkpoint(self.args.save, self.state.iteration, self.model,
+                                   None if no_optim else self.optimizer,
+                                   None if no_optim else self.scheduler,
+                                   args=args_to_dict(self.args),
+                                   consumed_samples=self.state.consumed_samples,
+                                   save_rng=not self.args.no_save_rng)
         self.saved_iteration = self.state.iteration
         self.reporter.print(f" saved checkpoint {path}")
+
+    def _log_extras(self, iteration: int, iterations: int) -> None:
+        """At a log line: timers (collective), memory scalars, wandb."""
+        timers = self.obs.timers_report(iterations)
+        if timers:
+            self.reporter.print(timers)
+        self.obs.scalars(iteration, self.reporter.last_scalars, self.reporter.writer)
 
     def _valid_iterators(self) -> list[Iterator[dict]]:
         # Restarted at sample 0 each time: every evaluation sees the same batches.
@@ -93,7 +121,8 @@ class Run:
         """Validation loss now (not recomputed if this iteration was already evaluated)."""
         if self.last_validation is not None and self.last_validation[0] == self.state.iteration:
             return self.last_validation[1]
-        loss, _ = evaluate(self.args, self.model, self._valid_iterators(), self.args.eval_iters)
+        with self.obs.evaluation():
+            loss, _ = evaluate(self.args, self.model, self._valid_iterators(), self.args.eval_iters)
         self.reporter.validation(self.state.iteration, loss)
         self.last_validation = (self.state.iteration, loss)
         return loss
@@ -108,14 +137,19 @@ class Run:
                                    len(self.model))
         try:
             while self.state.iteration < args.train_iters:
+                self.obs.step_start(self.state.iteration)
                 start = time.perf_counter()
                 result = train_step(args, self.model, self.optimizer, self.scheduler, iterators,
-                                    self.state)
+                                    self.state, timer=self.obs.timer)
                 self.losses.append(result.loss)
                 it = self.state.iteration
-                self.reporter.iteration_done(it, result.loss, result.lr, result.grad_norm,
-                                             self.state.consumed_samples,
-                                             step_seconds=time.perf_counter() - start)
+                self.obs.step_end(it)
+                logged = self.reporter.iteration_done(it, result.loss, result.lr, result.grad_norm,
+                                                      self.state.consumed_samples,
+                                                      step_seconds=time.perf_counter() - start,
+                                                      samples=result.samples)
+                if logged:
+                    self._log_extras(it, logged)
                 # finish() evaluates the last iteration anyway (with the per-position pass).
                 if (args.eval_iters and self.data.valid is not None and it % args.eval_interval == 0
                         and it != args.train_iters):
@@ -191,6 +225,7 @@ class Run:
                 self.reporter.print(f" per-position loss:    "
                                     f"{os.path.abspath(summary['per_position_png'])} (+ .csv)")
         self.reporter.close()
+        self.obs.close()
         return summary
 
 

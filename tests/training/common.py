@@ -15,6 +15,11 @@ TINY = [
     "--short-term-window", "8", "--long-term-delay-range", "2", "6", "--long-term-inference-delay", "4",
     "--persistent-memory-size", "16",
     "--log-interval", "1000", "--eval-iters", "0", "--per-position-eval-iters", "0", "--no-progress-bar",
+    # Explicit where Megatron-LM's defaults differ: no dropout (the layout equivalence tests
+    # compare exact trajectories), no loader worker processes (fast), the schedule these tests
+    # were written with.
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--num-workers", "0", "--lr-decay-style", "cosine",
+    "--adam-beta2", "0.95", "--weight-decay", "0.1",
 ]
 
 

@@ -35,7 +35,7 @@ def _groups_schedule_and_clipping(rank: int, world_size: int) -> dict:
             lrs.append(optimizer.param_groups[0]["lr"])
             wds.append((optimizer.param_groups[0]["weight_decay"],
                         optimizer.param_groups[1]["weight_decay"]))
-            scheduler.step(1)
+            scheduler.step(args.global_batch_size)  # the scheduler counts samples
         # Clipping: with known gradients the pre-clip norm is returned and applied grads have norm 0.5.
         torch.manual_seed(0)
         params = list(optimizer.parameters())
