@@ -3,7 +3,7 @@
 # size on a blend of synthetic in-context tasks and real text (NullTokenizer ids), evaluate each
 # at 1x, 4x and 8x the training length, and write one report into runs/icl/.
 # Knobs (environment variables):
-#   ICL_ITERS (600)  ICL_SEQ_LENGTH (128)  ICL_VOCAB (2048)  ICL_TRAIN_DOCS (3000)
+#   ICL_ITERS (600)  ICL_SEQ_LENGTH (128)  ICL_VOCAB (512)  ICL_SYMBOLS (32)  ICL_TRAIN_DOCS (3000)
 #   ICL_EVAL_DOCS (16)  ICL_MODELS ("mosaic-v1 mosaic-v2 gpt")  ICL_NPROC (2)
 #   ICL_DATA (data/icl)  ICL_RUNS (runs/icl)  SHAKESPEARE (data/shakespeare)  PYTHON (.venv/bin/python)
 set -euo pipefail
@@ -15,7 +15,8 @@ RUNS=${ICL_RUNS:-runs/icl}
 TEXT=${SHAKESPEARE:-data/shakespeare}
 ITERS=${ICL_ITERS:-600}
 LEN=${ICL_SEQ_LENGTH:-128}
-VOCAB=${ICL_VOCAB:-2048}
+VOCAB=${ICL_VOCAB:-512}
+SYMBOLS=${ICL_SYMBOLS:-32}  # keys and values per set: few, so their embeddings train in minutes
 TRAIN_DOCS=${ICL_TRAIN_DOCS:-3000}
 EVAL_DOCS=${ICL_EVAL_DOCS:-16}
 MODELS=${ICL_MODELS:-mosaic-v1 mosaic-v2 gpt}
@@ -47,6 +48,7 @@ for task in recall fewshot multidoc lm valid; do
         *) gen=("$task") ;;
     esac
     "$PY" tools/make_eval_data.py --seed 1 --num-docs "$TRAIN_DOCS" --length "$LEN" --vocab-size "$VOCAB" \
+        --num-symbols "$SYMBOLS" \
         --output "$prefix.jsonl" "${gen[@]}" 2>/dev/null
     "$PY" tools/preprocess_data.py --input "$prefix.jsonl" --output-prefix "$prefix" \
         --tokenizer-type NullTokenizer --vocab-size "$VOCAB" --append-eod --workers 2 >/dev/null
@@ -75,7 +77,7 @@ for model in $MODELS; do
     "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" pretrain_mosaic.py \
         --model "$model" "${COMMON[@]}" \
         --save "$out/checkpoints" --tensorboard-dir "$out/tensorboard" 2>&1 | tee "$out/train.log" \
-        | grep -E "iteration .*/|final|validation|error" || true
+        | grep --line-buffered -E "iteration .*/|final|validation|error" || true
     [ -f "$out/checkpoints/latest_checkpointed_iteration.txt" ] || { echo "training $model failed"; exit 1; }
 done
 
@@ -83,7 +85,7 @@ for model in $MODELS; do
     step "evaluate $model on every task at $LEN, $((4 * LEN)), $((8 * LEN)) tokens ($EVAL_DOCS documents each)"
     "$PY" tools/evaluate.py --load "$RUNS/$model/checkpoints" --task recall fewshot multidoc lm \
         --name "$model" --seq-length "$LEN" "$((4 * LEN))" "$((8 * LEN))" --num-docs "$EVAL_DOCS" \
-        --text "$TEXT/valid.jsonl" --output "$RUNS/$model/eval" > "$RUNS/$model/eval.txt"
+        --num-symbols "$SYMBOLS" --text "$TEXT/valid.jsonl" --output "$RUNS/$model/eval" > "$RUNS/$model/eval.txt"
 done
 
 step "report"

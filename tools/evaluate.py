@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name in tables and plots (default: the --model)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="NullTokenizer vocabulary, for an HF directory exported without megatron_args.json")
-    p.add_argument("--num-symbols", type=int, default=64, help="symbols per set for text-tokenizer models")
+    p.add_argument("--num-symbols", type=int, default=None,
+                   help="key/value symbols per set: the number the training data was made with "
+                        "(tools/make_eval_data.py --num-symbols; default the same default)")
     p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots, per task")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return p

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=256, help="units per document (tokens in the ids format)")
     p.add_argument("--format", choices=("ids", "text"), default="ids")
     p.add_argument("--vocab-size", type=int, default=None, help="ids format: NullTokenizer's --vocab-size")
-    p.add_argument("--num-symbols", type=int, default=64, help="text format: key and value symbols per set")
+    p.add_argument("--num-symbols", type=int, default=None,
+                   help="key and value symbols per set (default: text 64; ids a quarter of the non-reserved "
+                        "ids, at most 256); evaluation must be given the same number")
     p.add_argument("--text", nargs="+", default=None, help="real-text corpus for multidoc and lm (jsonl/txt)")
     return p
 
@@ -73,4 +75,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "make_eval_data"))

@@ -42,7 +42,7 @@ def _read_export_args(path: str) -> dict:
         return json.load(f).get("args", {})
 
 
-def load_model(path: str, vocab_size: Optional[int] = None, num_symbols: int = 64) -> LoadedModel:
+def load_model(path: str, vocab_size: Optional[int] = None, num_symbols: Optional[int] = None) -> LoadedModel:
     """The HF model of ``path`` (HF directory or Megatron checkpoint) and how to feed it text."""
     from megatron_mosaic.hf.export import build_hf_tokenizer, hf_model_from_checkpoint
     from megatron_mosaic.hf.generation import load_for_generation
@@ -63,7 +63,7 @@ def load_model(path: str, vocab_size: Optional[int] = None, num_symbols: int = 6
         if size is None:
             raise ValueError(f"--load {path}: no tokenizer and no vocabulary size is recorded; pass --vocab-size N "
                              "(the NullTokenizer / mock-data vocabulary the model was trained on)")
-        vocab, encode = SymbolVocab("ids", int(size)), (lambda text: [int(t) for t in text.split()])
+        vocab, encode = SymbolVocab("ids", int(size), num_symbols), (lambda text: [int(t) for t in text.split()])
     else:
         if tokenizer is None:
             raise ValueError(f"--load {path}: the checkpoint's tokenizer could not be found")

@@ -39,19 +39,25 @@ class SymbolVocab:
 
     fmt: str = "ids"
     vocab_size: int | None = None  # ids format: NullTokenizer's --vocab-size N
-    num_symbols: int = 64  # text format: symbols per set (ids format derives it from vocab_size)
+    # Symbols per set. Text format: default 64. Ids format: at most a quarter of the non-reserved
+    # ids (half of them are left to words), by default that many up to 256. Fewer symbols make
+    # the tasks' embeddings faster to learn; training and evaluation must use the same number.
+    num_symbols: int | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise VocabError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
+        limit = None
         if self.fmt == "ids":
             if self.vocab_size is None or self.vocab_size < NUM_RESERVED + 24:
                 raise VocabError(f"--vocab-size must be >= {NUM_RESERVED + 24} for the ids format "
                                  f"(markers, two symbol sets and words), got {self.vocab_size}")
-            # A quarter of the non-reserved ids per symbol set leaves half of them to words.
-            object.__setattr__(self, "num_symbols", min(MAX_SYMBOLS, (self.vocab_size - NUM_RESERVED) // 4))
-        elif self.num_symbols < 4:
-            raise VocabError(f"--num-symbols must be >= 4, got {self.num_symbols}")
+            limit = (self.vocab_size - NUM_RESERVED) // 4
+        if self.num_symbols is None:
+            object.__setattr__(self, "num_symbols", 64 if limit is None else min(MAX_SYMBOLS, limit))
+        if self.num_symbols < 4 or (limit is not None and self.num_symbols > limit):
+            raise VocabError(f"--num-symbols must be in [4, {limit or 'any'}]"
+                             f"{f' for --vocab-size {self.vocab_size}' if limit else ''}, got {self.num_symbols}")
 
     @property
     def word_base(self) -> int:

@@ -101,3 +101,12 @@ def test_lm_windows_are_real_text_and_too_long_windows_are_refused(tmp_path):
 def test_text_format_renders_words():
     doc = next(generate_documents("recall", SymbolVocab("text", num_symbols=8), 12, 1, seed=0))
     assert all(u[0] in "KV" for u in doc.text.split())
+
+
+def test_fewer_symbols_shift_the_layout_and_too_many_are_refused():
+    small = SymbolVocab("ids", 100, 10)
+    assert (small.key(0), small.key(9), small.value(0), small.value(9), small.word_base) == ("8", "17", "18", "27", 28)
+    doc = next(generate_documents("recall", small, 40, 1, seed=0))
+    assert all(8 <= int(u) < 28 for u in doc.text.split())
+    with pytest.raises(VocabError, match=r"--num-symbols must be in \[4, 23\] for --vocab-size 100, got 24"):
+        SymbolVocab("ids", 100, 24)

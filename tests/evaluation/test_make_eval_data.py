@@ -23,6 +23,7 @@ def run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["recall", "--output", "x.jsonl"], "--vocab-size must be >= 32"),
     (["recall", "--output", "x.jsonl", "--vocab-size", "100", "--num-docs", "0"], "--num-docs must be >= 1"),
     (["lm", "--output", "x.jsonl", "--vocab-size", "100"], "task lm needs real text"),
+    (["recall", "--output", "x.jsonl", "--vocab-size", "100", "--num-symbols", "3"], "--num-symbols must be in [4, 23]"),
     (["lm", "--output", "x.jsonl", "--vocab-size", "100", "--text", "missing.jsonl"], "--text missing.jsonl: no such file"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, argv, message):
