@@ -26,6 +26,14 @@ from megatron_mosaic.evaluation.report import label, table, write_outputs  # noq
 from megatron_mosaic.evaluation.tasks import TASKS  # noqa: E402
 from tools._cli import cli_error  # noqa: E402
 
+# What guessing scores, so an accuracy can be read against it.
+CHANCE = {
+    "recall": "Chance: 1/{symbols} (any value symbol); 1/pairs for a model that only knows the answer is a value "
+              "from this document.",
+    "fewshot": "Chance: 1/4 among the document's four labels once they have appeared; at shot 0 no model can "
+               "know the label.",
+    "multidoc": "Chance: 1/{symbols} (any value symbol).",
+}
 FINAL = re.compile(r"final \| iteration (\d+)(?: \| validation loss ([\d.]+))?(?: \| training tokens/s ([\d,]+))?")
 
 
@@ -61,10 +69,13 @@ def markdown(runs: str, models: Sequence[str], by_task: dict[str, list[dict]], p
     params = {r["name"]: r["parameters"] for results in by_task.values() for r in results}
     for model in models:
         s = training_summary(os.path.join(runs, model, "train.log"))
+        loss, speed = s.get("valid_loss"), s.get("tokens_per_s")
         lines.append(f"| {model} | {params.get(model, 0):,} | {s.get('iterations', '?')} | "
-                     f"{s.get('valid_loss') or '?'} | {s.get('tokens_per_s') or '?'} |")
+                     f"{'?' if loss is None else f'{loss:.4f}'} | {'?' if speed is None else f'{speed:,.0f}'} |")
     for task, results in by_task.items():
         lines += ["", f"## {task}: {TASKS[task].description}", "", "```", table(results), "```", ""]
+        if task in CHANCE:
+            lines += [CHANCE[task].format(symbols=results[0].get("num_symbols", "S")), ""]
         lines += [f"![{task}]({os.path.basename(p)})" for p in plots[task] if p.endswith(".png")]
     lines += ["", "Models: " + "; ".join(label(r) for r in next(iter(by_task.values()), []))]
     return "\n".join(lines) + "\n"

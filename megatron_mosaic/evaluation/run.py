@@ -58,7 +58,8 @@ def evaluate_task(loaded: LoadedModel, task: str, lengths: Sequence[int], *, num
     source = TextSource(text, loaded.vocab) if spec.needs_text else None
     train = loaded.train_seq_length
     results = {"name": name, "model": loaded.kind, "parameters": loaded.parameters, "task": task,
-               "train_seq_length": train, "format": loaded.vocab.fmt, "seed": seed, "lengths": []}
+               "train_seq_length": train, "format": loaded.vocab.fmt, "num_symbols": loaded.vocab.num_symbols,
+               "seed": seed, "lengths": []}
     for length in lengths:
         if train and length > train:
             log(f"  note: length {length} is {length / train:g}x the training length {train}; "

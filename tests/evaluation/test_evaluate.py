@@ -117,7 +117,7 @@ def test_icl_report_puts_every_model_in_one_report(tiny_checkpoints, tmp_path, c
                                                 "training tokens/s 1,234 (mean over 2 iterations)\n")
     assert icl_report.main(["--runs", str(runs), "--models", "mosaic-v2", "gpt"]) == 0
     report = (runs / "report.md").read_text()
-    assert "| mosaic-v2 |" in report and "| gpt |" in report and "| 4.5 | 1234.0 |" in report
+    assert "| mosaic-v2 |" in report and "| gpt |" in report and "| 4.5000 | 1,234 |" in report
     assert "![fewshot](fewshot_by_shot.png)" in report and (runs / "fewshot_by_shot.png").stat().st_size > 0
     [v2, gpt] = json.loads((runs / "fewshot.json").read_text())
     assert (v2["name"], gpt["name"]) == ("mosaic-v2", "gpt")
