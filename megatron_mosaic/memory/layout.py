@@ -37,6 +37,9 @@ class SequenceLayout:
     known_single_document: Optional[bool] = field(default=None, compare=False, repr=False)
     known_consecutive: Optional[bool] = field(default=None, compare=False, repr=False)
     known_uniform_documents: Optional[bool] = field(default=None, compare=False, repr=False)
+    # Per-micro-batch derived objects the layers share (e.g. FlexAttention block masks), keyed
+    # by their producer; never part of the layout's identity.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Shape/dtype checks only: value checks would force a device sync on every layer call.

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flex import flex_recall, flex_supported
 from .layout import SequenceLayout
 from .precision import fp32_region, upcast
 
@@ -79,6 +80,15 @@ def _is_plain_shift(query_layout: SequenceLayout, key_layout: SequenceLayout) ->
 def _band_blocks(length: int, width: int, min_block: int = 64) -> int:
     """Number of query blocks (of max(width, min_block) rows) the banded path would use."""
     return -(-length // max(width, min_block))
+
+
+# Which kernel serves the rules that are not a plain shift (packed documents, context-parallel
+# blocks, lse), per device type: "flex" (FlexAttention block masks, memory/flex.py) or "sdpa"
+# (banded / masked SDPA). tools/bench_retrieval.py times both on a device and prints its pick.
+# CPU: sdpa (FlexAttention has no CPU backward and runs eagerly at dense cost there).
+# CUDA: flex, the only path without a (T, T) mask for packed documents; still to be confirmed by
+# tools/gpu_check.py's retrieval benchmark on a GPU.
+RECALL_BACKEND = {"cpu": "sdpa", "cuda": "flex"}
 
 
 # A windowed rule goes banded (O(T·window), blocks of max(window, 64) queries) only when the band
@@ -186,6 +196,7 @@ def associative_recall(
     query_layout: SequenceLayout | None = None,
     key_layout: SequenceLayout | None = None,
     return_lse: bool = False,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """y_t = Σ_{i visible to t} softmax_i(q_t · k_i) v_i, with scale 1 (fold β into queries).
 
@@ -202,6 +213,8 @@ def associative_recall(
     band spans more than BANDED_MIN_BLOCKS query blocks. return_lse uses an
     explicit fp32 (Tq, Tk) score block (meant for context-parallel blocks); the output keeps the
     queries' dtype.
+    backend: "flex" or "sdpa" for every case but the plain shift (None: RECALL_BACKEND of the
+    device, sdpa where FlexAttention cannot run the call, e.g. a CPU backward).
     """
     if queries.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
         raise ValueError("associative_recall: queries, keys, values must be (B, H, T, D); got "
@@ -228,17 +241,32 @@ def associative_recall(
         plain = _is_plain_shift(query_layout, key_layout)
     # Scores and softmax in fp32 whatever the autocast (memory/precision.py); the output goes
     # back to the queries' dtype, the lse stays fp32.
+    flex = _use_flex(backend, queries, keys, values)
     with fp32_region(queries.device):
         result = _recall(upcast(queries), upcast(keys), upcast(values), visibility, query_layout, key_layout,
-                         return_lse, plain)
+                         return_lse, plain, flex)
     if return_lse:
         return result[0].to(queries.dtype), result[1]
     return result.to(queries.dtype)
 
 
+def _use_flex(backend: str | None, *tensors: Tensor) -> bool:
+    device = tensors[0].device
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    supported = flex_supported(device, needs_grad)
+    if backend is None:
+        return RECALL_BACKEND.get(device.type, "sdpa") == "flex" and supported
+    if backend not in ("flex", "sdpa"):
+        raise ValueError(f"associative_recall: backend must be 'flex', 'sdpa' or None, got {backend!r}")
+    if backend == "flex" and not supported:
+        raise ValueError(f"associative_recall: FlexAttention cannot run this call on {device.type} "
+                         f"({'no backward there' if needs_grad else 'not importable'}); use backend='sdpa'")
+    return backend == "flex"
+
+
 def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibility,
             query_layout: SequenceLayout | None, key_layout: SequenceLayout | None, return_lse: bool,
-            plain: bool) -> Tensor | tuple[Tensor, Tensor]:
+            plain: bool, flex: bool) -> Tensor | tuple[Tensor, Tensor]:
     """associative_recall's path choice, on validated inputs."""
     B, H, Tq, _ = queries.shape
     Tk = keys.shape[2]
@@ -250,6 +278,9 @@ def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibilit
         return (y, lse) if return_lse else y
     if query_layout is None:
         query_layout = key_layout = SequenceLayout.contiguous(B, Tq, device=queries.device)
+    if flex:  # every other rule: one block-sparse kernel, no (Tq, Tk) tensor
+        return flex_recall(queries, keys, values, visibility.delay, visibility.window, query_layout, key_layout,
+                           return_lse)
     if not return_lse and visibility.window is not None and _is_consecutive_run(query_layout, key_layout):
         y = _banded_documents(queries, keys, values, query_layout.doc_starts, visibility)
         if y is not None:
