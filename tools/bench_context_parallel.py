@@ -70,13 +70,13 @@ def _rank_main(rank: int, cp: int, port: int, out_dir: str, args: argparse.Names
         layout, {"hidden": hidden}, cp, parallel_state.get_context_parallel_rank(), seq_dim=0
     )
     x = parts["hidden"].requires_grad_()
-    context = MemoryContext(local_layout, args.delay)
+    context = MemoryContext(local_layout, args.delay, cp_group=parallel_state.get_context_parallel_group())
 
     dist.barrier()
     base = _status_mib("VmRSS")
     tracked = _reset_peak()
     start = time.perf_counter()
-    out, _ = layer(x, attention_mask=context)
+    out, _ = layer(x, packed_seq_params=context)
     out.float().pow(2).mean().backward()
     elapsed = time.perf_counter() - start
     peak = _status_mib("VmHWM") - base if tracked else float("nan")

@@ -152,15 +152,14 @@ class MosaicConfig(TransformerConfig):
                 "MosaicConfig.attention_dropout must be 0: memory retrieval has no attention dropout "
                 "(use hidden_dropout for the residual dropout of the official code)"
             )
-        if self.sequence_parallel:
+        # recompute_granularity 'full' (TransformerBlock recomputes whole layers; the
+        # MemoryContext rides in packed_seq_params, which it closes over) and 'selective' with
+        # 'core_attn' (each memory recomputes its scans and retrieval, model/recompute.py) work;
+        # Megatron's own checks validate the method and layer count.
+        if self.recompute_granularity == "selective" and set(self.recompute_modules or ()) - {"core_attn"}:
             raise ValueError(
-                "MosaicConfig.sequence_parallel is not supported: every memory needs the whole "
-                "(context-parallel local) sequence on each tensor-parallel rank"
-            )
-        if self.recompute_granularity == "full":
-            raise ValueError(
-                "MosaicConfig.recompute_granularity='full' is not supported: Megatron's checkpoint "
-                "function cannot carry the MemoryContext passed in the attention_mask slot"
+                f"MosaicConfig.recompute_modules {self.recompute_modules}: Mosaic layers recompute "
+                "only 'core_attn' (the memories' scans and retrievals)"
             )
 
     @property

@@ -21,18 +21,19 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
-from ..memory import SequenceLayout
 from ..parallel.dispatch import causal_attention, context_parallel_size
+from .context import MemoryContext
 
 
 class SDPACoreAttention(MegatronModule):
     """softmax(q kᵀ · scale + mask) v with ``F.scaled_dot_product_attention``.
 
-    attention_mask, one of
-    - None: plain causal attention over the whole local sequence (context parallel size 1);
-    - a SequenceLayout: causal and document-masked by global positions, through the memory
-      retrieval (``parallel.dispatch.causal_attention``: the ring under context parallelism);
-    - a bool tensor broadcastable to [b, 1, sq, sk], Megatron's convention (True = masked out).
+    The micro-batch's MemoryContext arrives in ``packed_seq_params`` (model/context.py). Unless
+    it says this rank holds one whole document, attention is causal and document-masked by the
+    layout's global positions, through the memory retrieval (``parallel.dispatch.
+    causal_attention``: the ring over the context's CP group). Otherwise ``attention_mask`` is
+    None (plain causal SDPA) or a bool tensor broadcastable to [b, 1, sq, sk], Megatron's
+    convention (True = masked out).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -53,20 +54,25 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
                 packed_seq_params=None) -> Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPACoreAttention: packed sequences / attention_bias are not supported")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: attention_bias is not supported")
+        if packed_seq_params is not None and not isinstance(packed_seq_params, MemoryContext):
+            raise NotImplementedError("SDPACoreAttention: THD packed sequences are not supported; "
+                                      "pass a MemoryContext (document masking by layout)")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, hn)
         if k.shape[1] != q.shape[1]:  # grouped-query attention
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         dropout_p = self.dropout_p if self.training else 0.0
-        if isinstance(attention_mask, SequenceLayout):
+        if packed_seq_params is not None and not packed_seq_params.whole_sequence:
             if dropout_p > 0:
-                raise NotImplementedError("SDPACoreAttention: attention dropout with a SequenceLayout mask")
-            out = causal_attention(q, k, v, self.softmax_scale, attention_mask)
+                raise NotImplementedError("SDPACoreAttention: attention dropout with document masking "
+                                          "or context parallelism")
+            context = packed_seq_params
+            out = causal_attention(q, k, v, self.softmax_scale, context.layout, group=context.cp_group)
             return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
         if attention_mask is None and context_parallel_size() > 1:
-            raise ValueError("SDPACoreAttention: context parallelism needs the SequenceLayout as attention_mask")
+            raise ValueError("SDPACoreAttention: context parallelism needs a MemoryContext (packed_seq_params)")
         # Dropout inside a TP region needs the model-parallel RNG stream (as DotProductAttention).
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 else nullcontext()
         with rng:

@@ -7,6 +7,7 @@ All inputs are [s, b, d]; per-head outputs are (b, H_local, s, hs).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -14,10 +15,10 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import Tensor
 
-from ..memory import SequenceLayout
 from ..memory.features import finish_values, gated_unit_keys, leaky_keys
 from ..parallel.dispatch import linear_recurrence, peek_values  # memory math, CP-aware when CP > 1
 from .config import MosaicConfig
+from .context import MemoryContext
 from .module import MosaicModule, split_heads
 
 
@@ -33,10 +34,24 @@ def column_linear(
     linears: MemoryLinears, config: MosaicConfig, in_size: int, out_size: int, init_method: Callable,
     bias: bool, tp_group,
 ):
-    """A head-split projection: output channels of this rank's heads only."""
+    """A head-split projection: output channels of this rank's heads only.
+
+    Under sequence parallelism the memory gathers its input once (``gather_sequence``) for all
+    of its projections, whose backward reduce-scatters (sums) their input gradients: these
+    linears must neither gather again nor all-reduce that gradient themselves. They get a config
+    copy with ``sequence_parallel`` off and ``disable_grad_reduce`` (the output projection keeps
+    sequence parallelism, and reduce-scatters its output)."""
+    extra = {}
+    if config.sequence_parallel:
+        if not issubclass(linears.column, ColumnParallelLinear):
+            raise NotImplementedError("sequence parallelism in Mosaic memories needs the local "
+                                      "(Megatron-Core) linears, not Transformer Engine's")
+        config = copy.copy(config)
+        config.sequence_parallel = False
+        extra["disable_grad_reduce"] = True
     return linears.column(
         in_size, out_size, config=config, init_method=init_method, gather_output=False, bias=bias,
-        skip_bias_add=False, is_expert=False, tp_group=tp_group,
+        skip_bias_add=False, is_expert=False, tp_group=tp_group, **extra,
     )
 
 
@@ -49,14 +64,6 @@ def row_linear(
         in_size, out_size, config=config, init_method=init_method, bias=bias, input_is_parallel=True,
         skip_bias_add=False, is_expert=False, tp_group=tp_group,
     )
-
-
-def _resets(layout: SequenceLayout) -> Optional[Tensor]:
-    """Document starts, or None for one whole document held here (its only start, position 0,
-    is a no-op reset). Under context parallelism the starts always go along: other ranks' chunks
-    of the same rows may hold starts."""
-    whole = layout.single_document and layout.total_length == layout.seq_len
-    return None if whole else layout.resets
 
 
 class LeakyKeyExtractor(MosaicModule):
@@ -76,13 +83,22 @@ class LeakyKeyExtractor(MosaicModule):
         self.leak = self.per_head_parameter(torch.linspace(0.5, 5.0, heads) / 10.0)
         self.key_scale = self.per_head_parameter(torch.full((heads,), 0.1))
 
-    def forward(self, x: Tensor, layout: SequenceLayout) -> Tensor:
-        """x [s, b, d] -> scaled unit keys (b, H_local, s, hs) in x's dtype."""
-        raw = split_heads(self.linear_key(x)[0], self.num_local_heads).float()
+    def project(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x [s, b, d] -> (W_k x [s, b, H_local·hs],): the projection, kept under selective recompute."""
+        return (self.linear_key(x)[0],)
+
+    def features(self, projected: Tensor, context: MemoryContext, dtype: torch.dtype) -> Tensor:
+        """The leaky scan and key features: scaled unit keys (b, H_local, s, hs) in ``dtype``."""
+        raw = split_heads(projected, self.num_local_heads).float()
         decay = (10.0 * self.leak.float()).abs().view(1, -1, 1, 1)
-        scaled, log_scale, _ = linear_recurrence(raw, log_decay=-decay, resets=_resets(layout))
+        scaled, log_scale, _ = linear_recurrence(raw, log_decay=-decay, resets=context.resets,
+                                                 group=context.cp_group)
         keys = leaky_keys(scaled, log_scale, self.key_scale, self.scale_pow, self.config.v1_key_scale_max)
-        return keys.to(x.dtype)
+        return keys.to(dtype)
+
+    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
+        """x [s, b, d] -> scaled unit keys (b, H_local, s, hs) in x's dtype."""
+        return self.features(*self.project(x), context, x.dtype)
 
 
 class GatedKeyExtractor(MosaicModule):
@@ -97,13 +113,23 @@ class GatedKeyExtractor(MosaicModule):
         self.linear_gate = column_linear(linears, config, d, heads, init_method, False, self.tp_group)
         self.linear_decay = column_linear(linears, config, d, heads, init_method, False, self.tp_group)
 
-    def forward(self, x: Tensor, layout: SequenceLayout) -> Tensor:
+    def project(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x [s, b, d] -> (W_φ x, W_g x, W_λ x): the projections, kept under selective recompute."""
+        return self.linear_key(x)[0], self.linear_gate(x)[0], self.linear_decay(x)[0]
+
+    def features(self, key: Tensor, gate: Tensor, decay: Tensor, context: MemoryContext,
+                 dtype: torch.dtype) -> Tensor:
+        """The gated scan and norm: unit keys (b, H_local, s, hs) in ``dtype``."""
+        raw = split_heads(key, self.num_local_heads).float()
+        log_gain = gate.float().permute(1, 2, 0).unsqueeze(-1)  # (b, H_local, s, 1)
+        log_decay = -decay.float().abs().permute(1, 2, 0).unsqueeze(-1)
+        scaled, _, _ = linear_recurrence(raw, log_decay=log_decay, log_gain=log_gain, resets=context.resets,
+                                         group=context.cp_group)
+        return gated_unit_keys(scaled).to(dtype)
+
+    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
         """x [s, b, d] -> unit keys (b, H_local, s, hs) in x's dtype."""
-        raw = split_heads(self.linear_key(x)[0], self.num_local_heads).float()
-        log_gain = self.linear_gate(x)[0].float().permute(1, 2, 0).unsqueeze(-1)  # (b, H_local, s, 1)
-        log_decay = -self.linear_decay(x)[0].float().abs().permute(1, 2, 0).unsqueeze(-1)
-        scaled, _, _ = linear_recurrence(raw, log_decay=log_decay, log_gain=log_gain, resets=_resets(layout))
-        return gated_unit_keys(scaled).to(x.dtype)
+        return self.features(*self.project(x), context, x.dtype)
 
 
 class ValueExtractor(MosaicModule):
@@ -124,8 +150,16 @@ class ValueExtractor(MosaicModule):
         self.mix = self.per_head_parameter(torch.rand(heads))
         self.value_scale = self.per_head_parameter(torch.full((heads,), -0.05 if self.version == 1 else 0.0))
 
-    def forward(self, x: Tensor, layout: SequenceLayout) -> Tensor:
+    def project(self, x: Tensor) -> Tensor:
+        """x [s, b, d] -> W_v x [s, b, H_local·hs]: the projection, kept under selective recompute."""
+        return self.linear_value(x)[0]
+
+    def features(self, projected: Tensor, context: MemoryContext, dtype: torch.dtype) -> Tensor:
+        """The peek mix, norm and scale: values (b, H_local, s, hs) in ``dtype``."""
+        raw = split_heads(projected, self.num_local_heads).float()
+        mixed = peek_values(raw, self.mix.float().view(1, -1, 1, 1), resets=context.resets, group=context.cp_group)
+        return finish_values(mixed, self.value_scale, self.version).to(dtype)
+
+    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
         """x [s, b, d] -> values (b, H_local, s, hs) in x's dtype."""
-        raw = split_heads(self.linear_value(x)[0], self.num_local_heads).float()
-        mixed = peek_values(raw, self.mix.float().view(1, -1, 1, 1), resets=_resets(layout))
-        return finish_values(mixed, self.value_scale, self.version).to(x.dtype)
+        return self.features(self.project(x), context, x.dtype)

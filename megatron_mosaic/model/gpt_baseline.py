@@ -14,8 +14,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from ..memory import SequenceLayout
-from ..parallel.dispatch import context_parallel_size
 from .config import GPTBaselineConfig
+from .context import MemoryContext, micro_batch_context
 from .init_rng import CONSTRUCTION, EMBEDDING, OUTPUT_LAYER, init_rng, init_seed_of, redraw_vocab_weight
 from .module import param_device
 from .specs import get_gpt_baseline_block_spec
@@ -96,8 +96,8 @@ class GPTBaseline(GPTModel):
     Document masking: attention never crosses EOD when a layout is passed, or when
     ``document_masking`` and ``eod_token_id`` are set (layout built from the tokens). With a
     layout, RoPE uses its global positions (one set for all rows, as in packed pretraining) and
-    the layout reaches SDPACoreAttention through the ``attention_mask`` slot, so context
-    parallelism only needs the rank's layout (``parallel.slice_batch_for_cp_rank``).
+    the MemoryContext reaches SDPACoreAttention through Megatron's ``packed_seq_params`` slot,
+    so context parallelism only needs the rank's layout (``parallel.slice_batch_for_cp_rank``).
 
     Initial weights: with ``config.init_seed`` set, every layer and the final norm draw from
     their own streams (``get_gpt_baseline_block_spec``); GPTModel builds the embedding and output
@@ -129,15 +129,24 @@ class GPTBaseline(GPTModel):
                                 self.config, tp_group, OUTPUT_LAYER)
 
     def forward(self, input_ids: Optional[Tensor], labels: Optional[Tensor] = None,
-                layout: Optional[SequenceLayout] = None, long_term_delay: Optional[int] = None, **kwargs: Any) -> Tensor:
-        if layout is None and input_ids is not None and self.document_masking and self.eod_token_id is not None:
-            layout = SequenceLayout.from_tokens(input_ids, self.eod_token_id)
-        if layout is None and context_parallel_size() > 1:
-            raise ValueError("GPTBaseline.forward: pass the rank's layout under context parallelism")
-        whole = layout is None or (layout.single_document and layout.total_length == layout.seq_len)
-        mask = None if whole else layout  # None: plain causal SDPA
-        position_ids = None if layout is None else layout.positions
-        return super().forward(input_ids, position_ids, mask, labels=labels, **kwargs)
+                layout: Optional[SequenceLayout] = None, long_term_delay: Optional[int] = None,
+                packed_seq_params: Optional[MemoryContext] = None, **kwargs: Any) -> Tensor:
+        """As MosaicModel.forward: the micro-batch's MemoryContext reaches SDPACoreAttention
+        through Megatron's ``packed_seq_params`` channel (built here when not passed)."""
+        context = packed_seq_params
+        if context is None:
+            eod = self.eod_token_id if self.document_masking and input_ids is not None else None
+            stage_input = self.decoder.input_tensor  # a later pipeline stage's hidden states
+            try:
+                context = micro_batch_context(
+                    input_ids, 1, layout=layout, eod_token_id=eod, cp_group=self.pg_collection.cp,
+                    hidden_shape=None if stage_input is None else stage_input.shape,
+                    device=None if stage_input is None else stage_input.device)
+            except ValueError as err:
+                raise ValueError(f"GPTBaseline.forward: {err}") from None
+        # RoPE at the layout's global positions (one set for all rows, as in packed pretraining).
+        position_ids = None if context.whole_sequence else context.layout.positions
+        return super().forward(input_ids, position_ids, None, labels=labels, packed_seq_params=context, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, *args: Any, **kwargs: Any):
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)

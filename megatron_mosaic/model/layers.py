@@ -1,9 +1,10 @@
 """Mosaic blocks as Megatron-Core TransformerLayer replacements.
 
 TransformerBlock drives them like its own layers: ``forward(hidden_states [s, b, d],
-attention_mask=MemoryContext, context=None, **kwargs) -> (hidden_states, context)``.
-The MemoryContext (layout, long-term delay) travels in the ``attention_mask`` slot, which
-TransformerBlock hands unchanged to every layer.
+attention_mask=None, context=None, packed_seq_params=MemoryContext, **kwargs) ->
+(hidden_states, context)``. The MemoryContext (layout, long-term delay, fast-path flags, CP
+group) travels in the ``packed_seq_params`` slot, which TransformerBlock hands unchanged to
+every layer, also when it recomputes them (model/context.py).
 """
 
 from __future__ import annotations
@@ -73,15 +74,17 @@ class MosaicLayer(MosaicModule, BaseTransformerLayer):
         return F.dropout(x, p=self.hidden_dropout, training=self.training)
 
     @staticmethod
-    def _memory_context(attention_mask: Any, kwargs: dict) -> MemoryContext:
-        if not isinstance(attention_mask, MemoryContext):
+    def _memory_context(packed_seq_params: Any, kwargs: dict) -> MemoryContext:
+        # The context rides in the packed_seq_params slot (model/context.py); a real THD
+        # PackedSeqParams or none at all means the layer was driven by something else.
+        if not isinstance(packed_seq_params, MemoryContext):
             raise TypeError(
-                "Mosaic layers take a MemoryContext in TransformerBlock's attention_mask slot, got "
-                f"{type(attention_mask).__name__}; build the model with MosaicModel"
+                "Mosaic layers take their MemoryContext in TransformerBlock's packed_seq_params "
+                f"slot, got {type(packed_seq_params).__name__}; build the model with MosaicModel"
             )
         if kwargs.get("inference_context") is not None or kwargs.get("inference_params") is not None:
             raise NotImplementedError("Mosaic layers have no Megatron inference-context (KV cache) support")
-        return attention_mask
+        return packed_seq_params
 
     def _finish(self, x: Tensor) -> Tensor:
         # Pipeline schedules free the output's storage: it must not be a view (as TransformerLayer).
@@ -104,9 +107,10 @@ class MosaicV1Layer(MosaicLayer):
             self.pre_persistent_layernorm = self._norm(submodules.pre_persistent_layernorm)
             self.persistent_memory = build_module(submodules.persistent_memory, config=config, tp_group=self.tp_group, **inits)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Any = None, context: Any = None, **kwargs: Any):
-        """hidden_states [s, b, d] -> ([s, b, d], context)."""
-        memory_context = self._memory_context(attention_mask, kwargs)
+    def forward(self, hidden_states: Tensor, attention_mask: Any = None, context: Any = None,
+                packed_seq_params: Optional[MemoryContext] = None, **kwargs: Any):
+        """hidden_states [s, b, d] -> ([s, b, d], context); attention_mask is unused (None)."""
+        memory_context = self._memory_context(packed_seq_params, kwargs)
         x = hidden_states + self._dropout(self.contextual_memory(self.input_layernorm(hidden_states), memory_context))
         x = x + self._dropout(self.persistent_memory(self.pre_persistent_layernorm(x), memory_context))
         return self._finish(x), context
@@ -136,9 +140,10 @@ class MosaicV2Layer(MosaicLayer):
             self.mlp = build_module(submodules.mlp, config=mlp_config, ffn_hidden_size=config.ffn_hidden_size,
                                     tp_group=self.tp_group)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Any = None, context: Any = None, **kwargs: Any):
-        """hidden_states [s, b, d] -> ([s, b, d], context)."""
-        memory_context = self._memory_context(attention_mask, kwargs)
+    def forward(self, hidden_states: Tensor, attention_mask: Any = None, context: Any = None,
+                packed_seq_params: Optional[MemoryContext] = None, **kwargs: Any):
+        """hidden_states [s, b, d] -> ([s, b, d], context); attention_mask is unused (None)."""
+        memory_context = self._memory_context(packed_seq_params, kwargs)
         x = hidden_states + self._dropout(self.memory(self.input_layernorm(hidden_states), memory_context))
         out, bias = self.mlp(self.pre_mlp_layernorm(x))
         if bias is not None:

@@ -4,6 +4,8 @@ v1: ContextualMemory (pairs i < t) and PersistentMemory (trained slots, replaces
 v2: AssociativeMemory (one short- or long-term memory, no projection) and LongShortMemory
     (both, with one output projection over their concatenated heads).
 Inputs are [s, b, d]; outputs [s, b, d] after the RowParallelLinear (all-reduce over TP).
+Under sequence parallelism inputs and outputs are [s/TP, b, d]: each memory gathers the sequence
+once before its projections and the output projection reduce-scatters it again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..memory import SequenceLayout, Visibility, adaptive_bandwidth
+from ..memory import Visibility, adaptive_bandwidth
 from ..memory.features import exp10_scale
 from ..parallel.dispatch import associative_recall  # CP ring when CP > 1
 from .config import MosaicConfig
@@ -22,16 +24,15 @@ from .context import MemoryContext
 from .extractors import (
     GatedKeyExtractor, LeakyKeyExtractor, MemoryLinears, ValueExtractor, row_linear,
 )
-from .module import MosaicModule, merge_heads
+from .module import MosaicModule, gather_sequence, merge_heads
+from .recompute import maybe_checkpoint, recompute_memory_core
 
 
-def recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibility, layout: SequenceLayout) -> Tensor:
-    """associative_recall over one sequence; the unmasked fast path when the layout is one
-    whole document held entirely by this rank (never under context parallelism)."""
-    whole = layout.single_document and layout.total_length == layout.seq_len
-    if whole:
-        return associative_recall(queries, keys, values, visibility)
-    return associative_recall(queries, keys, values, visibility, layout, layout)
+def recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibility, context: MemoryContext) -> Tensor:
+    """associative_recall over one sequence: unmasked when the context says this rank holds one
+    whole document, the ring over ``context.cp_group`` under context parallelism."""
+    layout = context.recall_layout
+    return associative_recall(queries, keys, values, visibility, layout, layout, group=context.cp_group)
 
 
 class ContextualMemory(MosaicModule):
@@ -46,9 +47,15 @@ class ContextualMemory(MosaicModule):
         self.linear_proj = row_linear(submodules, config, d, d, output_init_method, config.add_bias_linear, self.tp_group)
 
     def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
-        keys = self.key_extractor(x, context.layout)
-        values = self.value_extractor(x, context.layout)
-        y = recall(keys, keys, values, Visibility(delay=1), context.layout)
+        x = gather_sequence(x, self.config, self.tp_group)
+
+        def core(key: Tensor, value: Tensor) -> Tensor:  # recomputed under selective recompute
+            keys = self.key_extractor.features(key, context, x.dtype)
+            values = self.value_extractor.features(value, context, x.dtype)
+            return recall(keys, keys, values, Visibility(delay=1), context)
+
+        projected = (*self.key_extractor.project(x), self.value_extractor.project(x))
+        y = maybe_checkpoint(recompute_memory_core(self.config), core, *projected)
         return self.linear_proj(merge_heads(y))[0]
 
 
@@ -68,12 +75,17 @@ class PersistentMemory(MosaicModule):
         self.linear_proj = row_linear(submodules, config, d, d, output_init_method, config.add_bias_linear, self.tp_group)
 
     def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
-        keys = self.key_extractor(x, context.layout)  # (b, H_local, s, hs)
-        b = keys.shape[0]
-        slot_keys = self.memory_keys.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
-        slot_values = self.memory_values.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
-        y = F.scaled_dot_product_attention(keys, slot_keys, slot_values, scale=1.0)
-        y = y * exp10_scale(self.output_scale).to(y.dtype)
+        x = gather_sequence(x, self.config, self.tp_group)
+
+        def core(key: Tensor) -> Tensor:  # recomputed under selective recompute
+            keys = self.key_extractor.features(key, context, x.dtype)  # (b, H_local, s, hs)
+            b = keys.shape[0]
+            slot_keys = self.memory_keys.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+            slot_values = self.memory_values.to(keys.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+            y = F.scaled_dot_product_attention(keys, slot_keys, slot_values, scale=1.0)
+            return y * exp10_scale(self.output_scale).to(y.dtype)
+
+        y = maybe_checkpoint(recompute_memory_core(self.config), core, *self.key_extractor.project(x))
         return self.linear_proj(merge_heads(y))[0]
 
 
@@ -100,14 +112,20 @@ class AssociativeMemory(MosaicModule):
 
     def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
         visibility = self.visibility(context)
-        keys = self.key_extractor(x, context.layout)
-        values = self.value_extractor(x, context.layout)
-        counts = visibility.visible_counts(context.layout)
-        beta = adaptive_bandwidth(
-            self.bandwidth_theta0.float(), self.bandwidth_theta1.float(), self.bandwidth_theta_alpha.float(), counts
-        )
-        queries = (keys.float() * beta).to(keys.dtype)
-        return recall(queries, keys, values, visibility, context.layout)
+
+        def core(key: Tensor, gate: Tensor, decay: Tensor, value: Tensor) -> Tensor:  # recomputed
+            keys = self.key_extractor.features(key, gate, decay, context, x.dtype)
+            values = self.value_extractor.features(value, context, x.dtype)
+            counts = visibility.visible_counts(context.layout)
+            beta = adaptive_bandwidth(
+                self.bandwidth_theta0.float(), self.bandwidth_theta1.float(), self.bandwidth_theta_alpha.float(),
+                counts,
+            )
+            queries = (keys.float() * beta).to(keys.dtype)
+            return recall(queries, keys, values, visibility, context)
+
+        projected = (*self.key_extractor.project(x), self.value_extractor.project(x))
+        return maybe_checkpoint(recompute_memory_core(self.config), core, *projected)
 
 
 class LongShortMemory(MosaicModule):
@@ -126,6 +144,7 @@ class LongShortMemory(MosaicModule):
         self.linear_proj = row_linear(submodules, config, 2 * d, d, output_init_method or init_method, False, self.tp_group)
 
     def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
+        x = gather_sequence(x, self.config, self.tp_group)  # one gather for both memories
         short = self.short_term(x, context)  # (b, H_local, s, hs)
         long = self.long_term(x, context)
         b, h, s, hs = short.shape

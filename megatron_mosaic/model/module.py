@@ -78,6 +78,16 @@ class MosaicModule(MegatronModule):
         return sharded
 
 
+def gather_sequence(x: Tensor, config: TransformerConfig, tp_group) -> Tensor:
+    """[s/TP, b, d] -> [s, b, d] under sequence parallelism (backward: reduce-scatter), else x.
+    Every memory needs the whole (context-parallel local) sequence, as attention does."""
+    if not config.sequence_parallel:
+        return x
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=tp_group)
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """[s, b, H·hs] -> (b, H, s, hs)."""
     s, b, _ = x.shape
@@ -99,10 +109,16 @@ class MosaicNorm:
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object):
         if config.normalization == "LayerNorm":
-            return torch.nn.LayerNorm(
+            norm = torch.nn.LayerNorm(
                 hidden_size, eps=eps, bias=bool(config.add_bias_linear), device=param_device(config),
                 dtype=config.params_dtype,
             )
-        if config.normalization == "RMSNorm":
-            return torch.nn.RMSNorm(hidden_size, eps=eps, device=param_device(config), dtype=config.params_dtype)
-        raise ValueError(f"config.normalization must be 'LayerNorm' or 'RMSNorm', got {config.normalization!r}")
+        elif config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, device=param_device(config), dtype=config.params_dtype)
+        else:
+            raise ValueError(f"config.normalization must be 'LayerNorm' or 'RMSNorm', got {config.normalization!r}")
+        for param in norm.parameters():
+            # Under sequence parallelism each TP rank normalises other tokens: Megatron's
+            # finalize_model_grads sums the gradients of parameters marked so across TP.
+            param.sequence_parallel = config.sequence_parallel
+        return norm

@@ -16,9 +16,8 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import Tensor
 
 from ..memory import SequenceLayout
-from ..parallel.dispatch import context_parallel_size
 from .config import MosaicConfig
-from .context import MemoryContext
+from .context import MemoryContext, micro_batch_context
 from .init_rng import EMBEDDING, OUTPUT_LAYER, init_rng, init_seed_of
 from .specs import get_mosaic_block_spec, get_mosaic_layer_local_spec
 
@@ -115,26 +114,7 @@ class MosaicModel(LanguageModule):
 
     def memory_context(self, input_ids: Optional[Tensor], layout: Optional[SequenceLayout],
                        long_term_delay: Optional[int], hidden_shape: Optional[torch.Size] = None) -> MemoryContext:
-        """The per-batch MemoryContext (layout + delay) every layer receives."""
-        if layout is None:
-            if context_parallel_size() > 1:
-                raise ValueError(
-                    "MosaicModel.forward: under context parallelism pass the rank's layout "
-                    "(megatron_mosaic.parallel.slice_batch_for_cp_rank builds it from the full tokens)"
-                )
-            if input_ids is not None:
-                if self.config.document_masking and self.eod_token_id is not None:
-                    layout = SequenceLayout.from_tokens(input_ids, self.eod_token_id)
-                else:
-                    layout = SequenceLayout.contiguous(input_ids.shape[0], input_ids.shape[1], input_ids.device)
-            elif hidden_shape is not None and not (self.config.document_masking and self.eod_token_id is not None):
-                seq, batch = hidden_shape[0], hidden_shape[1]
-                layout = SequenceLayout.contiguous(batch, seq, self.decoder.input_tensor.device)
-            else:
-                raise ValueError(
-                    "MosaicModel.forward: pass input_ids or layout on every pipeline stage "
-                    "(document masking needs the document starts in every layer)"
-                )
+        """The per-batch MemoryContext every layer receives, when the caller passed none."""
         if long_term_delay is None:
             if self.config.mosaic_version == 2 and self.training:
                 raise ValueError(
@@ -142,13 +122,22 @@ class MosaicModel(LanguageModule):
                     "(draw it with sample_long_term_delay(seed, step, *config.long_term_delay_range))"
                 )
             long_term_delay = self.config.long_term_inference_delay
-        return MemoryContext(layout=layout, long_term_delay=int(long_term_delay))
+        eod = self.eod_token_id if self.config.document_masking else None
+        device = self.decoder.input_tensor.device if self.decoder.input_tensor is not None else None
+        try:
+            return micro_batch_context(input_ids, int(long_term_delay), layout=layout, eod_token_id=eod,
+                                       cp_group=self.pg_collection.cp, hidden_shape=hidden_shape, device=device)
+        except ValueError as err:
+            raise ValueError(f"MosaicModel.forward: {err}") from None
 
     def forward(self, input_ids: Optional[Tensor], labels: Optional[Tensor] = None,
-                layout: Optional[SequenceLayout] = None, long_term_delay: Optional[int] = None) -> Tensor:
+                layout: Optional[SequenceLayout] = None, long_term_delay: Optional[int] = None,
+                packed_seq_params: Optional[MemoryContext] = None) -> Tensor:
         """input_ids (B, T) int64 -> per-token loss (B, T) fp32 if labels else logits (B, T, V/tp).
 
-        Non-last pipeline stages return hidden states [T, B, d].
+        ``packed_seq_params``: the micro-batch's MemoryContext, built once by the training step
+        (``model.context.micro_batch_context``); without it one is built here from ``layout``,
+        ``long_term_delay`` and the tokens. Non-last pipeline stages return hidden states [T, B, d].
         """
         hidden_shape = None
         if self.pre_process:
@@ -159,8 +148,13 @@ class MosaicModel(LanguageModule):
             hidden = None
             if self.decoder.input_tensor is not None:
                 hidden_shape = self.decoder.input_tensor.shape
-        context = self.memory_context(input_ids, layout, long_term_delay, hidden_shape)
-        hidden = self.decoder(hidden_states=hidden, attention_mask=context)
+        context = packed_seq_params
+        if context is None:
+            context = self.memory_context(input_ids, layout, long_term_delay, hidden_shape)
+        elif layout is not None or long_term_delay is not None:
+            raise ValueError("MosaicModel.forward: pass either packed_seq_params (a MemoryContext) or "
+                             "layout / long_term_delay, not both")
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=context)
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None

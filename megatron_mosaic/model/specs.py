@@ -11,7 +11,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
-    LayerNormImpl, TransformerBlockSubmodules, get_num_layers_to_build,
+    TransformerBlockSubmodules, get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -106,6 +106,10 @@ def get_gpt_baseline_layer_spec() -> ModuleSpec:
     its own initialisation stream (SeededTransformerLayer)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.module = SeededTransformerLayer
+    # The Mosaic layers' norms (the same torch RMSNorm): Megatron's torch-norm fallback refuses
+    # sequence parallelism, MosaicNorm marks its weights for the TP gradient sum instead.
+    spec.submodules.input_layernorm = MosaicNorm
+    spec.submodules.pre_mlp_layernorm = MosaicNorm
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 
@@ -115,5 +119,5 @@ def get_gpt_baseline_block_spec(config, vp_stage: Optional[int] = None,
     """This pipeline stage's baseline layers plus Megatron's final norm, in its own stream."""
     num_layers = get_num_layers_to_build(config, vp_stage, pp_rank)
     return TransformerBlockSubmodules(
-        layer_specs=[get_gpt_baseline_layer_spec()] * num_layers, layer_norm=seeded_spec(LayerNormImpl, FINAL_NORM)
+        layer_specs=[get_gpt_baseline_layer_spec()] * num_layers, layer_norm=seeded_spec(MosaicNorm, FINAL_NORM)
     )

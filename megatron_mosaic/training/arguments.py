@@ -18,6 +18,7 @@ from megatron_mosaic.training.observability_args import (
     add_observability_args,
     check_observability_args,
 )
+from megatron_mosaic.training.scaling_args import add_scaling_args, check_scaling_args
 from megatron_mosaic.training.schedule_args import (
     add_schedule_args,
     check_schedule_args,
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_args(p)
     add_observability_args(p)
     add_megatron_flags(p)
+    add_scaling_args(p)
     return p
 
 
@@ -292,6 +294,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _check(args.load is not None, "--finetune and --use-checkpoint-args need --load")
     check_observability_args(args, _check)
     check_megatron_flags(args, lambda message: _check(False, message))
+    check_scaling_args(args, _check)
     _check(args.clip_grad >= 0.0, f"--clip-grad must be >= 0, got {args.clip_grad}")
     _check(args.weight_decay >= 0.0, f"--weight-decay must be >= 0, got {args.weight_decay}")
     low, high = args.long_term_delay_range

@@ -1,7 +1,7 @@
 """The one place where megatron-core's CUDA assumptions are bridged to the CPU.
 
 megatron-core 0.16 has no CPU path: a few call sites hard-code the GPU. On a machine without
-CUDA this module makes four of them work on the CPU so the same training loop (Megatron DDP,
+CUDA this module makes five of them work on the CPU so the same training loop (Megatron DDP,
 ``finalize_model_grads``, pipeline schedules, ``dist_checkpointing``) runs on gloo:
 
 1. ``torch.cuda.current_device()`` -> ``"cpu"``. Megatron allocates p2p shape/receive buffers
@@ -18,6 +18,12 @@ CUDA this module makes four of them work on the CPU so the same training loop (M
    autograd functions (``tensor_parallel/layers.py``): their backward replays the forward's
    *CUDA* autocast state, so under CPU autocast (``--bf16``) the backward mixes a bf16 output
    gradient with fp32 weights and fails. Re-decorated with ``device_type="cpu"``.
+
+5. ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` in ``tensor_parallel/random.py``: Megatron's
+   activation checkpointing (``tensor_parallel.checkpoint``, ``CheckpointWithoutOutput``) saves
+   and restores the CUDA generator around the recomputation, which asserts without CUDA. On the
+   CPU there is no CUDA generator to keep; the CPU generator and the RNG tracker are still saved
+   and restored by the same code.
 
 Nothing is patched when CUDA is available: GPU runs use megatron-core untouched. Every patch is
 shown to still be needed by ``tests/training/test_cuda_compat.py`` (the unpatched call fails on
@@ -65,7 +71,11 @@ class _CpuDeviceTorch(types.ModuleType):
         return attr
 
 
-PATCHES = ("current_device", "synchronize", "schedules", "linear_autocast")
+PATCHES = ("current_device", "synchronize", "schedules", "linear_autocast", "checkpoint_rng")
+
+
+def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _cpu_autocast_function(cls: type) -> type:
@@ -93,12 +103,15 @@ def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
     """patch name -> [(object, attribute, CPU replacement)]."""
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import layers
+    from megatron.core.tensor_parallel import random as tp_random
 
     return {
         "current_device": [(torch.cuda, "current_device", _cpu_current_device)],
         "synchronize": [(torch.cuda, "synchronize", _noop_synchronize)],
         "schedules": [(schedules, "torch", _CpuDeviceTorch())],
         "linear_autocast": [(layers, name, fn) for name, fn in _cpu_linear_functions().items()],
+        "checkpoint_rng": [(tp_random, "_get_cuda_rng_state", _no_cuda_rng_state),
+                           (tp_random, "_set_cuda_rng_state", _no_cuda_rng_state)],
     }
 
 

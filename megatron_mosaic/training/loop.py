@@ -85,6 +85,19 @@ def _loss_func(loss_mask: torch.Tensor, positions: Optional[torch.Tensor], seq_l
     return loss_sum, count.to(torch.int), report
 
 
+def _micro_batch_context(args: argparse.Namespace, tokens: torch.Tensor, layout: Any,
+                         long_term_delay: Optional[int]):
+    """The MemoryContext every layer of this micro-batch reads (layout, delay, fast-path flags,
+    CP group), built once here instead of in each layer; the GPT baseline ignores the delay."""
+    from megatron_mosaic.model.context import micro_batch_context
+
+    if long_term_delay is None:  # evaluation: v2's inference delay
+        long_term_delay = getattr(args, "long_term_inference_delay", 1)
+    eod = getattr(args, "eod_token_id", None) if args.document_masking else None
+    cp_group = parallel_state.get_context_parallel_group() if args.context_parallel_size > 1 else None
+    return micro_batch_context(tokens, long_term_delay, layout=layout, eod_token_id=eod, cp_group=cp_group)
+
+
 def make_forward_step(args: argparse.Namespace, long_term_delay: Optional[int],
                       per_position: bool = False) -> Callable:
     """The ``forward_step_func`` of Megatron's schedules for one step."""
@@ -113,8 +126,9 @@ def make_forward_step(args: argparse.Namespace, long_term_delay: Optional[int],
         if per_position:  # position of each token in its (full, unsplit) sequence
             positions = (layout.positions if layout is not None
                          else torch.arange(tokens.shape[1]).expand_as(tokens)).to(dev)
+        context = _micro_batch_context(args, tokens, layout, long_term_delay)
         with autocast(args):
-            output = model(tokens, labels=labels, layout=layout, long_term_delay=long_term_delay)
+            output = model(tokens, labels=labels, packed_seq_params=context)
         if output.dim() == 3:  # hidden states for the next pipeline stage, [T, B, d]
             # Under autocast a stage may end in bf16 or fp32 depending on its last op; the
             # receiving stage allocates config.pipeline_dtype, so send exactly that.

@@ -57,6 +57,11 @@ def _common_config_fields(args: argparse.Namespace) -> dict[str, Any]:
         # The loss is a sum over tokens divided by the global token count (finalize_model_grads),
         # so any DP x micro-batch split of a global batch gives the same gradient.
         calculate_per_token_loss=True,
+        # Activation recomputation and sequence parallelism (training/scaling_args.py).
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        sequence_parallel=args.sequence_parallel,
         fp8=args.fp8_format,
         # gloo matches point-to-point messages between two ranks in posting order; Megatron's
         # batched p2p posts "grad to prev" and "activation to next" to the same peer when PP=2

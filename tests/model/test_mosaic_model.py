@@ -76,7 +76,7 @@ def test_layer_matches_naive_reference(version, packed):
                 layer.persistent_memory.key_extractor.key_scale[0] = 0.3
                 layer.contextual_memory.key_extractor.key_scale[1] = 0.6
         x = torch.randn(SEQ, BATCH, cfg.hidden_size, generator=gen)
-        out, ctx = layer(x, attention_mask=MemoryContext(layout, delay), context=None)
+        out, ctx = layer(x, context=None, packed_seq_params=MemoryContext(layout, delay))
         assert ctx is None
         weights = {k: v for k, v in layer.state_dict().items() if torch.is_tensor(v)}
         xb, doc = x.transpose(0, 1), layout.doc_starts
@@ -197,7 +197,7 @@ def test_gpt_sdpa_attention_matches_causal_softmax(packed):
     attn = model.decoder.layers[0].self_attention.core_attention
     q, k, v = (torch.randn(SEQ, BATCH, 4, 8) for _ in range(3))
     layout = SequenceLayout.from_tokens(packed_tokens(torch.Generator().manual_seed(8)), EOD)
-    got = attn(q, k, v, layout if packed else None)
+    got = attn(q, k, v, None, packed_seq_params=MemoryContext(layout, 1) if packed else None)
     scores = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(8)
     hidden = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)
     if packed:

@@ -74,6 +74,14 @@ def _linear_under_cpu_autocast() -> None:
     out.float().sum().backward()
 
 
+def _activation_checkpoint() -> None:
+    from megatron.core import tensor_parallel
+
+    x = torch.randn(4, requires_grad=True)
+    tensor_parallel.checkpoint(lambda t: t.sin() * 2, False, x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach().cos())
+
+
 def _outcome(fn, *args) -> str:
     try:
         fn(*args)
@@ -96,6 +104,7 @@ def _check_patches(rank: int, world_size: int, tmp: str) -> dict:
         "schedules": (_no_pipelining_schedule,),
         "synchronize": (_dist_checkpoint_save, os.path.join(tmp, "unpatched")),
         "linear_autocast": (_linear_under_cpu_autocast,),
+        "checkpoint_rng": (_activation_checkpoint,),
     }
     for name in ("unpatched", "patched"):
         os.makedirs(os.path.join(tmp, name))
@@ -124,6 +133,6 @@ def test_patches_are_inactive_with_cuda_or_until_applied():
     from megatron_mosaic.training import cuda_compat
 
     assert set(cuda_compat.PATCHES) == {"current_device", "synchronize", "schedules",
-                                        "linear_autocast"}
+                                        "linear_autocast", "checkpoint_rng"}
     with pytest.raises(ValueError, match="unknown cuda_compat patch"):
         cuda_compat.revert("no_such_patch")
