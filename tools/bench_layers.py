@@ -6,82 +6,49 @@ Each model has one layer and a small vocabulary (256) so the layer dominates. Sh
 quickstart micro-batch (B=2, T=256, d=128, H=4, SwiGLU 3d, window 64, delay 32) and a long one
 (B=1, T=2048, d=256, H=4, window 256, delay 128), each with one document per row ("single") and
 with EOD-packed documents ("packed", document masking on). Times are medians of interleaved runs
-measured in this process; the ratio is to the GPT baseline of the same row. Not a test.
+measured in this process; the ratios are to the GPT baseline of the same row: time (v/gpt),
+analytic training FLOPs of the layer (flop, tools/layer_benchmark.py) and their quotient (t/f:
+1.00 = the same time per FLOP as the GPT layer, the FLOP efficiency goal). Not a test.
 ``--profile`` prints the torch.profiler table of the v2 model at the quickstart shape (packed).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
-from megatron_mosaic.model import MosaicConfig, MosaicModel, build_gpt_baseline, gpt_baseline_config
 from megatron_mosaic.training.initialize import single_rank_megatron
 
-VOCAB, EOD = 256, 3
 SHAPES = {  # name: (B, T, d, H, window, delay)
     "quickstart": (2, 256, 128, 4, 64, 32),
     "long": (1, 2048, 256, 4, 256, 128),
 }
 
 
-def build(kind: str, d: int, heads: int, window: int, delay: int) -> torch.nn.Module:
-    common = dict(num_layers=1, hidden_size=d, num_attention_heads=heads, use_cpu_initialization=True)
-    torch.manual_seed(0)
-    if kind == "gpt":
-        return build_gpt_baseline(gpt_baseline_config(ffn_hidden_size=3 * d, **common), VOCAB, eod_token_id=EOD)
-    if kind == "v1":
-        config = MosaicConfig(mosaic_version=1, persistent_memory_size=int(3.5 * d), **common)
-    else:
-        config = MosaicConfig(mosaic_version=2, ffn_hidden_size=3 * d, short_term_window=window,
-                              long_term_delay_range=(delay, delay), **common)
-    return MosaicModel(config, VOCAB, eod_token_id=EOD)
+def bench_shape(name: str, packed: bool, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(median ms per fwd+bwd step, analytic layer FLOPs) per model, measured in this process."""
+    from tools.layer_benchmark import build, layer_flops, time_models, tokens_for
 
-
-def tokens_for(B: int, T: int, packed: bool) -> torch.Tensor:
-    tokens = torch.randint(EOD + 1, VOCAB, (B, T), generator=torch.Generator().manual_seed(0))
-    if packed:  # documents of 37..300 tokens
-        g = torch.Generator().manual_seed(1)
-        for b in range(B):
-            t = int(torch.randint(37, 300, (1,), generator=g))
-            while t < T:
-                tokens[b, t] = EOD
-                t += int(torch.randint(37, 300, (1,), generator=g))
-    return tokens
-
-
-def step(model: torch.nn.Module, tokens: torch.Tensor, delay: int) -> None:
-    model.zero_grad(set_to_none=True)
-    loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=delay)
-    loss.mean().backward()
-
-
-def bench_shape(name: str, packed: bool, repeats: int) -> dict[str, float]:
     B, T, d, H, window, delay = SHAPES[name]
     models = {k: build(k, d, H, window, delay) for k in ("gpt", "v1", "v2")}
-    tokens = tokens_for(B, T, packed)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for k, m in models.items():  # warm-up
-        step(m, tokens, delay)
-    for _ in range(repeats):  # interleaved so load changes hit every model alike
-        for k, m in models.items():
-            start = time.perf_counter()
-            step(m, tokens, delay)
-            times[k].append(time.perf_counter() - start)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+    seconds = time_models(models, tokens_for(B, T, packed), delay, repeats)
+    flops = {k: B * layer_flops(m, k, T, window, delay) for k, m in models.items()}
+    return {k: 1000 * v for k, v in seconds.items()}, flops
 
 
 def profile_v2(rows: int) -> None:
+    from tools.layer_benchmark import build, step, tokens_for
+
     B, T, d, H, window, delay = SHAPES["quickstart"]
     model = build("v2", d, H, window, delay)
     tokens = tokens_for(B, T, packed=True)
-    step(model, tokens, delay)
+    step(model, tokens, delay, bf16=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(5):
-            step(model, tokens, delay)
+            step(model, tokens, delay, bf16=False)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
@@ -98,13 +65,19 @@ def main() -> None:
         if args.profile:
             profile_v2(args.rows)
             return
-        print(f"{'shape':<11} {'docs':<7} {'gpt ms':>8} {'v1 ms':>8} {'v2 ms':>8} {'v1/gpt':>7} {'v2/gpt':>7}")
+        print(f"{'shape':<11} {'docs':<7} {'gpt ms':>8} {'v1 ms':>8} {'v2 ms':>8} {'v1/gpt':>7} {'v2/gpt':>7} "
+              f"{'v1 flop':>8} {'v2 flop':>8} {'v1 t/f':>7} {'v2 t/f':>7}")
         for name in args.shapes:
             for packed in (False, True):
-                r = bench_shape(name, packed, args.repeats)
-                print(f"{name:<11} {'packed' if packed else 'single':<7} {r['gpt']:8.1f} {r['v1']:8.1f} "
-                      f"{r['v2']:8.1f} {r['v1'] / r['gpt']:7.2f} {r['v2'] / r['gpt']:7.2f}", flush=True)
+                ms, flops = bench_shape(name, packed, args.repeats)
+                t = {k: ms[k] / ms["gpt"] for k in ms}
+                f = {k: flops[k] / flops["gpt"] for k in flops}
+                print(f"{name:<11} {'packed' if packed else 'single':<7} {ms['gpt']:8.1f} {ms['v1']:8.1f} "
+                      f"{ms['v2']:8.1f} {t['v1']:7.2f} {t['v2']:7.2f} {f['v1']:8.2f} {f['v2']:8.2f} "
+                      f"{t['v1'] / f['v1']:7.2f} {t['v2'] / f['v2']:7.2f}", flush=True)
 
 
 if __name__ == "__main__":
+    if __package__ in (None, ""):  # run as a script: make the repository importable
+        sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
     main()

@@ -1,0 +1,177 @@
+"""Check the whole stack on one device: what the CPU test suite cannot prove about a GPU.
+
+    python tools/gpu_check.py                       # one GPU: the checks, then T = 4k, 16k, 32k
+    python tools/gpu_check.py --device cpu          # dry run at small shapes (the test suite runs it)
+
+In order, each printing PASS / FAIL / SKIP and its time:
+1. memory math (scan, value peek, retrieval under every visibility rule, packed documents) on
+   the device in fp32 and under bf16 autocast, against the float64 loop references (CPU);
+2. v1, v2 and GPT forward + backward on the device, fp32 and bf16: finite, bf16 close to fp32;
+3. a short bf16 ``pretrain_mosaic.py`` run under torchrun (NCCL on a GPU, gloo on the CPU) that
+   saves, exits, and resumes: the resumed losses must equal the uninterrupted run's;
+4. ``--transformer-impl transformer_engine`` and ``--fp8-format hybrid`` runs, when
+   transformer_engine is importable (SKIP otherwise);
+5. the layer benchmark (tools/layer_benchmark.py) at the --lengths: tokens/s, peak memory, MFU,
+   time and FLOP ratios to GPT; then the retrieval kernels (tools/bench_retrieval.py): sdpa vs
+   FlexAttention on packed documents, and which one the device should default to.
+Exit status 1 when any check fails. Nothing is downloaded (mock data, no tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import torch
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir))
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?\| loss ([0-9.]+)")
+
+
+def check_memory_math(device: torch.device) -> None:
+    from tools.gpu_check_math import check_all
+
+    for dtype in (torch.float32, torch.bfloat16):
+        check_all(device, dtype)
+
+
+def check_models(device: torch.device) -> None:
+    from megatron_mosaic.training.initialize import single_rank_megatron
+    from tools.layer_benchmark import build, tokens_for
+
+    with single_rank_megatron(seed=0):
+        for kind in ("gpt", "v1", "v2"):
+            model = build(kind, 64, 4, 16, 8).to(device)
+            tokens = tokens_for(2, 128, packed=True).to(device)
+            losses = {}
+            for name, bf16 in (("fp32", False), ("bf16", True)):
+                model.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=8).float().mean()
+                loss.backward()
+                grads = [p.grad for p in model.parameters() if p.requires_grad]
+                if not torch.isfinite(loss) or any(g is None or not torch.isfinite(g).all() for g in grads):
+                    raise AssertionError(f"{kind} {name}: non-finite loss or gradient")
+                losses[name] = loss.item()
+            if abs(losses["bf16"] - losses["fp32"]) > 0.02 * losses["fp32"]:
+                raise AssertionError(f"{kind}: bf16 loss {losses['bf16']:.4f} vs fp32 {losses['fp32']:.4f}")
+            print(f"    {kind}: packed documents, loss fp32 {losses['fp32']:.4f} bf16 {losses['bf16']:.4f}")
+
+
+def _pretrain(workdir: str, extra: list[str], timeout: float) -> dict[int, float]:
+    """Run pretrain_mosaic.py under torchrun (1 process); returns {iteration: loss}."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               os.path.join(REPO, "pretrain_mosaic.py"),
+               "--model", "mosaic-v2", "--mock-data", "--vocab-size", "128", "--num-layers", "2",
+               "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "192",
+               "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--short-term-window", "16", "--long-term-delay-range", "4", "16", "--long-term-inference-delay", "8",
+               "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "1", "--log-interval", "1",
+               "--eval-iters", "0", "--per-position-eval-iters", "0", "--no-progress-bar", "--bf16"] + extra
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"pretrain_mosaic.py exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return {int(i): float(loss) for i, loss in LOSS.findall(done.stdout + done.stderr)}
+
+
+def check_training(device: torch.device, extra: list[str] = (), resume: bool = True) -> None:
+    with tempfile.TemporaryDirectory() as workdir:
+        straight = _pretrain(workdir, ["--train-iters", "4"] + list(extra), 300)
+        if sorted(straight) != [1, 2, 3, 4]:
+            raise AssertionError(f"expected the losses of iterations 1-4, got {straight}")
+        print("    losses " + " ".join(f"{straight[i]:.4f}" for i in sorted(straight)))
+        if not resume:
+            return
+        save = os.path.join(workdir, "ckpt")
+        resumed = ["--train-iters", "4", "--save", save, "--load", save, "--exit-interval", "2"] + list(extra)
+        first = _pretrain(workdir, resumed, 300)
+        second = _pretrain(workdir, resumed, 300)
+        if sorted(first) != [1, 2] or sorted(second) != [3, 4]:
+            raise AssertionError(f"the resume ran iterations {sorted(first)} then {sorted(second)}, not 1-2, 3-4")
+        got = {**first, **second}
+        if got != straight:
+            raise AssertionError(f"resumed losses {got} differ from the uninterrupted run's {straight}")
+
+
+def check_transformer_engine(device: torch.device) -> None:
+    if device.type != "cuda" or importlib.util.find_spec("transformer_engine") is None:
+        raise Skip("transformer_engine is not importable" if device.type == "cuda" else "needs CUDA")
+    check_training(device, ["--transformer-impl", "transformer_engine"], resume=False)
+    check_training(device, ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"], resume=False)
+
+
+def check_benchmark(device: torch.device, lengths: list[int], repeats: int) -> None:
+    from megatron_mosaic.training.initialize import single_rank_megatron
+    from tools.layer_benchmark import print_device_table
+
+    from tools.bench_retrieval import compare
+
+    with single_rank_megatron(seed=0):
+        print_device_table(device, lengths, repeats)
+    gpu = device.type == "cuda"
+    compare(device, lengths, repeats, heads=16 if gpu else 4, dim=128 if gpu else 16)
+
+
+class Skip(Exception):
+    """A check that does not apply here (says why)."""
+
+
+def run_checks(checks: list[tuple[str, Callable[[], None]]]) -> int:
+    failed = 0
+    for name, check in checks:
+        start = time.perf_counter()
+        print(f"[{name}]", flush=True)
+        try:
+            check()
+            status = "PASS"
+        except Skip as why:
+            status = f"SKIP ({why})"
+        except Exception as err:  # report and go on: one run shows every failure
+            status = f"FAIL: {type(err).__name__}: {err}"
+            failed += 1
+        print(f"[{name}] {status} ({time.perf_counter() - start:.1f} s)", flush=True)
+    print(f"gpu_check: {'all checks passed' if not failed else f'{failed} check(s) failed'}")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", default=default, help=f"cuda or cpu (default here: {default})")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="benchmark sequence lengths (default: 4096 16384 32768 on a GPU, 256 512 on the CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="benchmark repeats (default: 10 GPU, 2 CPU)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["math", "models", "training", "te", "bench"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available here (use --device cpu for the dry run)")
+        torch.cuda.set_device(device.index or 0)
+    gpu = device.type == "cuda"
+    lengths = args.lengths or ([4096, 16384, 32768] if gpu else [256, 512])
+    repeats = args.repeats or (10 if gpu else 2)
+    print(f"gpu_check on {torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}")
+    checks = [
+        ("math", lambda: check_memory_math(device)),
+        ("models", lambda: check_models(device)),
+        ("training", lambda: check_training(device)),
+        ("te", lambda: check_transformer_engine(device)),
+        ("bench", lambda: check_benchmark(device, lengths, repeats)),
+    ]
+    return run_checks([(n, c) for n, c in checks if n not in args.skip])
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # run as a script: make the repository importable
+        sys.path.insert(0, REPO)
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Per-layer cost of Mosaic v1, v2 and the GPT baseline on any device, as FLOP efficiency.
+
+Used by tools/gpu_check.py (T = 4k, 16k, 32k on a GPU) and tools/bench_layers.py (CPU table).
+Analytic FLOPs count as Megatron-LM does: a multiply-add is 2 FLOPs, training is 3 forward
+passes; per token the forward costs 2 x the layer's matrix weights (v1's persistent slots
+included: they are scored and mixed like a weight matrix) plus 4 d per (query, key) pair the
+layer retrieves from under its visibility rule on one document of T tokens. Scans, norms and
+softmax are O(T d) and left out. Times are medians of interleaved fwd+bwd steps in one process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from megatron_mosaic.model import MosaicConfig, MosaicModel, build_gpt_baseline, gpt_baseline_config
+
+VOCAB, EOD = 256, 3
+# Dense bf16 peak FLOP/s by device name (vendor datasheets, no sparsity), for MFU.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+GPU_SHAPE = dict(d=2048, heads=16, window=256, delay=64)  # the paper's small model, one layer
+CPU_SHAPE = dict(d=64, heads=4, window=32, delay=16)
+
+
+def build(kind: str, d: int, heads: int, window: int, delay: int) -> torch.nn.Module:
+    """A one-layer model of ``kind`` (gpt, v1, v2), seeded, on the CPU."""
+    common = dict(num_layers=1, hidden_size=d, num_attention_heads=heads, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    if kind == "gpt":
+        return build_gpt_baseline(gpt_baseline_config(ffn_hidden_size=3 * d, **common), VOCAB, eod_token_id=EOD)
+    if kind == "v1":
+        config = MosaicConfig(mosaic_version=1, persistent_memory_size=int(3.5 * d), **common)
+    else:
+        config = MosaicConfig(mosaic_version=2, ffn_hidden_size=3 * d, short_term_window=window,
+                              long_term_delay_range=(delay, delay), **common)
+    return MosaicModel(config, VOCAB, eod_token_id=EOD)
+
+
+def tokens_for(B: int, T: int, packed: bool) -> torch.Tensor:
+    """Random tokens; ``packed``: EOD-separated documents of 37..300 tokens."""
+    tokens = torch.randint(EOD + 1, VOCAB, (B, T), generator=torch.Generator().manual_seed(0))
+    if packed:
+        g = torch.Generator().manual_seed(1)
+        for b in range(B):
+            t = int(torch.randint(37, 300, (1,), generator=g))
+            while t < T:
+                tokens[b, t] = EOD
+                t += int(torch.randint(37, 300, (1,), generator=g))
+    return tokens
+
+
+def visible_pairs(kind: str, T: int, window: int, delay: int) -> float:
+    """Mean (query, key) pairs per token per layer over one T-token document."""
+    if kind == "gpt":
+        return (T + 1) / 2
+    if kind == "v1":
+        return (T - 1) / 2
+    short = sum(min(t, window - 1) for t in range(T)) / T
+    long = sum(max(t - delay + 1, 0) for t in range(T)) / T
+    return short + long
+
+
+def layer_flops(model: torch.nn.Module, kind: str, T: int, window: int, delay: int) -> float:
+    """Training FLOPs of the model's decoder layers for one T-token sequence."""
+    weights = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() >= 2)
+    d = model.config.hidden_size
+    per_token = 2.0 * weights + 4.0 * d * model.config.num_layers * visible_pairs(kind, T, window, delay)
+    return 3.0 * per_token * T
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=delay)
+    loss.float().mean().backward()
+
+
+def time_models(models: dict[str, torch.nn.Module], tokens: torch.Tensor, delay: int, repeats: int,
+                bf16: bool = False) -> dict[str, float]:
+    """Median seconds of one fwd+bwd step per model, interleaved so load changes hit all alike."""
+    device = tokens.device
+    for m in models.values():  # warm-up (kernel selection, allocator)
+        step(m, tokens, delay, bf16)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            _sync(device)
+            start = time.perf_counter()
+            step(m, tokens, delay, bf16)
+            _sync(device)
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> float | None:
+    """Peak device memory (GiB) of one fwd+bwd step; None off CUDA."""
+    if tokens.device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(tokens.device)
+    step(model, tokens, delay, bf16)
+    return torch.cuda.max_memory_allocated(tokens.device) / 2**30
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def print_device_table(device: torch.device, lengths: list[int], repeats: int) -> None:
+    """tokens/s, peak memory, MFU and time/FLOP ratios to GPT, per length and document layout."""
+    shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+    bf16 = device.type == "cuda"
+    peak = peak_flops(device)
+    models = {k: build(k, shape["d"], shape["heads"], shape["window"], shape["delay"]).to(device)
+              for k in ("gpt", "v1", "v2")}
+    print(f"    one layer, d={shape['d']} H={shape['heads']} window={shape['window']} delay={shape['delay']}, "
+          f"B=1, {'bf16' if bf16 else 'fp32'}; ratios are to GPT (time ratio / FLOP ratio: 1 = same FLOP efficiency)")
+    print(f"    {'T':>6} {'docs':<7} {'model':<5} {'tokens/s':>11} {'peak GiB':>9} {'MFU':>6} "
+          f"{'time/gpt':>9} {'flop/gpt':>9} {'ratio':>6}")
+    for T in lengths:
+        for packed in (False, True):
+            tokens = tokens_for(1, T, packed).to(device)
+            seconds = time_models(models, tokens, shape["delay"], repeats, bf16)
+            flops = {k: layer_flops(m, k, T, shape["window"], shape["delay"]) for k, m in models.items()}
+            for k, m in models.items():
+                mem = peak_memory(m, tokens, shape["delay"], bf16)
+                mfu = f"{flops[k] / seconds[k] / peak:6.1%}" if peak else f"{'n/a':>6}"
+                t_ratio, f_ratio = seconds[k] / seconds["gpt"], flops[k] / flops["gpt"]
+                print(f"    {T:>6} {'packed' if packed else 'single':<7} {k:<5} {T / seconds[k]:>11,.0f} "
+                      f"{(f'{mem:.2f}' if mem is not None else 'n/a'):>9} {mfu} {t_ratio:>9.2f} {f_ratio:>9.2f} "
+                      f"{t_ratio / f_ratio:>6.2f}", flush=True)
