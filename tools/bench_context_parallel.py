@@ -13,6 +13,7 @@ step) above its resident size at that moment: the memory the step itself needs. 
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import re
 import tempfile
@@ -96,16 +97,23 @@ def run_config(args: argparse.Namespace, length: int, cp: int) -> list[dict]:
 
 
 def main() -> None:
+    from tools._cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--cp-sizes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--window", type=int, default=256, help="short-term window h")
-    parser.add_argument("--delay", type=int, default=256, help="long-term delay m")
-    parser.add_argument("--documents", type=int, default=1, help="equal documents per sequence (document masking)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--cp-sizes", type=positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--hidden-size", type=positive_int, default=128)
+    parser.add_argument("--heads", type=positive_int, default=2)
+    parser.add_argument("--window", type=positive_int, default=256, help="short-term window h")
+    parser.add_argument("--delay", type=positive_int, default=256, help="long-term delay m")
+    parser.add_argument("--documents", type=positive_int, default=1, help="equal documents per sequence (document masking)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads per rank")
     args = parser.parse_args()
+    for length in args.lengths:
+        for cp in args.cp_sizes:
+            if length % (2 * cp):
+                parser.error(f"--lengths {length}: must be a multiple of 2 x each --cp-sizes ({2 * cp}), "
+                             "the load-balanced split cuts a sequence into 2 x CP equal chunks")
     print(f"one MosaicV2Layer fwd+bwd: d={args.hidden_size} heads={args.heads} h={args.window} m={args.delay} "
           f"documents={args.documents} batch=1 fp32, {args.threads} thread(s) per rank, gloo")
     print(f"| {'T':>6} | {'CP':>2} | {'tokens/rank':>11} | {'peak MiB per rank':>17} | {'MiB per 1k tokens':>17} | {'time s':>7} |")
@@ -120,4 +128,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if __package__ in (None, ""):  # run as a script: make the repository importable
+        sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "bench_context_parallel"))

@@ -53,12 +53,14 @@ def profile_v2(rows: int) -> None:
 
 
 def main() -> None:
+    from tools._cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--rows", type=positive_int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with single_rank_megatron():
@@ -80,4 +82,6 @@ def main() -> None:
 if __name__ == "__main__":
     if __package__ in (None, ""):  # run as a script: make the repository importable
         sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-    main()
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "bench_layers"))

@@ -10,6 +10,8 @@ Each time is the median of --repeats runs of forward + backward. Not a test: num
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import statistics
 import time
 
@@ -51,12 +53,14 @@ def timed(fn, inputs, repeats: int) -> float:
 
 
 def main() -> None:
+    from tools._cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--dim", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     B, H, D = args.batch, args.heads, args.dim
@@ -79,4 +83,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if __package__ in (None, ""):  # run as a script: make the repository importable
+        sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "bench_memory"))

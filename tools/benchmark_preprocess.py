@@ -35,9 +35,11 @@ def _cpu_seconds() -> float:
 
 
 def main() -> int:
+    from tools._cli import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=positive_int, default=3)
     ours, rest = parser.parse_known_args()
     best = {w: {"pipeline": 0.0, "call": 0.0, "cpu": float("inf")} for w in ours.workers}
     # Alternate the worker counts so that changes in machine load hit them alike.
@@ -67,4 +69,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "benchmark_preprocess"))

@@ -31,10 +31,13 @@ def main(argv=None) -> int:
     try:
         CORPORA[args.corpus](args.output, args.cache_dir)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        from tools._cli import cli_error
+
+        return cli_error("fetch_corpus", err)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "fetch_corpus"))

@@ -70,4 +70,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "generate"))

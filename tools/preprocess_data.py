@@ -21,4 +21,6 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 from megatron_mosaic.data.preprocess import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tools._cli import run_tool  # noqa: E402
+
+    sys.exit(run_tool(main, "tools/preprocess_data.py"))

@@ -70,32 +70,16 @@ def parse_blend(values: Union[None, str, Sequence[str]], flag: str = "--data-pat
     return prefixes, parsed
 
 
-def check_dataset(prefix: str, tokenizer, flag: str, num_documents: int = 16) -> None:
-    """Fail early on a missing dataset or one built with another tokenizer; warn without EODs."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def check_dataset(prefix: str, tokenizer, flag: str) -> None:
+    """Fail early, naming the file, on a missing or damaged dataset (``.bin`` against ``.idx``,
+    every document) or one holding ids beyond the tokenizer's vocabulary; warn without EODs."""
+    from megatron_mosaic.data.validate import validate_dataset
 
-    if not IndexedDataset.exists(prefix):
-        hint = ""
-        if prefix.endswith((".bin", ".idx")):
-            hint = f" (give the prefix without the suffix: {prefix[:-4]})"
-        raise DataError(f"{flag}: no dataset {prefix}.bin/.idx{hint}")
-    dataset = IndexedDataset(prefix)
-    doc_ends = dataset.document_indices[1:num_documents + 1]
-    if len(doc_ends) == 0:
+    summary = validate_dataset(prefix, tokenizer.vocab_size, tokenizer.eod, flag)
+    if summary.num_documents == 0:
         raise DataError(f"{flag}: dataset {prefix} holds no documents")
-    max_id, ends_with_eod = 0, 0
-    first = 0
-    for end in doc_ends:
-        ids = np.concatenate([dataset[i] for i in range(first, end)]) if end > first else np.empty(0, np.int64)
-        first = end
-        if ids.size:
-            max_id = max(max_id, int(ids.max()))
-            ends_with_eod += int(ids[-1]) == tokenizer.eod
-    if max_id >= tokenizer.vocab_size:
-        raise DataError(f"{flag}: dataset {prefix} holds token id {max_id}, beyond the tokenizer's vocab size "
-                        f"{tokenizer.vocab_size}: was it preprocessed with another tokenizer?")
-    if ends_with_eod == 0:
-        logger.warning("%s: the first documents of %s do not end with the EOD id %d; without "
+    if summary.documents_ending_with_eod == 0:
+        logger.warning("%s: no document of %s ends with the EOD id %d; without "
                        "tools/preprocess_data.py --append-eod documents cannot be told apart", flag, prefix, tokenizer.eod)
 
 

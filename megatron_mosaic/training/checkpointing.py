@@ -31,6 +31,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_mosaic.training.checkpoint_safety import (
+    CheckpointSaveError,
+    NonFiniteCheckpointError,
+    first_non_finite,
+    save_failed_message,
+)
+
 logger = logging.getLogger(__name__)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -158,7 +165,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.
     state.update(args={**args, "consumed_train_samples": consumed_samples, "has_rng_state": save_rng},
                  iteration=iteration, consumed_samples=consumed_samples,
                  checkpoint_version=CHECKPOINT_VERSION)
-    dist_checkpointing.save(state, staging, sharded_strategy=("torch_dist", 1))
+    _write_or_clean_up(state, staging, final, save_dir, iteration)
 
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
@@ -168,6 +175,40 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.
         _write_tracker(save_dir, iteration)  # last: the checkpoint is now the latest
     dist.barrier()
     return final
+
+
+def _write_or_clean_up(state: dict[str, Any], staging: str, final: str, save_dir: str,
+                       iteration: int) -> None:
+    """Write ``state`` into ``staging`` on every rank, or fail on every rank: a checkpoint with
+    non-finite weights or optimizer state is not written at all, and a write that fails on any
+    rank (full disk, I/O error) removes the partial directory and names the free space."""
+    bad = first_non_finite(state)
+    flags: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bad)
+    failed: Optional[BaseException] = None
+    if any(flags):
+        rank, name = next((r, n) for r, n in enumerate(flags) if n)
+        failed = NonFiniteCheckpointError(
+            f"iteration {iteration}: {name} (rank {rank}) holds NaN or Inf; checkpoint {final} "
+            f"was not written and {os.path.join(save_dir, TRACKER_FILENAME)} still names iteration "
+            f"{read_tracker(save_dir)}")
+    else:
+        error: Optional[str] = None
+        try:
+            dist_checkpointing.save(state, staging, sharded_strategy=("torch_dist", 1))
+        except Exception as err:  # noqa: BLE001 -- every rank must learn that the save failed
+            error = f"rank {dist.get_rank()}: {type(err).__name__}: {err}"
+        errors: list[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e), None)
+        if first is not None:
+            failed = CheckpointSaveError(save_failed_message(final, save_dir, RuntimeError(first),
+                                                             read_tracker(save_dir)))
+    if failed is not None:
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        raise failed
 
 
 # ---- load -------------------------------------------------------------------------------------

@@ -23,7 +23,13 @@ from megatron_mosaic.training.checkpointing import (
     save_checkpoint,
 )
 from megatron_mosaic.training.data import build_data, make_iterators
+from megatron_mosaic.training.checkpoint_safety import (
+    check_save_dir,
+    global_checkpoint_bytes,
+    resolve_load,
+)
 from megatron_mosaic.training.exit_control import ExitController
+from megatron_mosaic.training.faults import agree, report_error
 from megatron_mosaic.training.initialize import (
     destroy_distributed,
     initialize_distributed,
@@ -49,21 +55,24 @@ class Run:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.rank = dist.get_rank()
-        self.data = build_data(args)
+        self.data = agree(lambda: build_data(args), "reading the data")
         args.padded_vocab_size = pad_vocab_size(self.data.vocab_size, args.tensor_model_parallel_size,
                                                 args.make_vocab_size_divisible_by)
         args.eod_token_id = self.data.eod_token_id
-        if args.load:
+        self.load_path = self._check_load() if args.load else None
+        if self.load_path is not None:
             check_checkpoint_matches(args)
         self.model = wrap_for_training(build_model(args))
         self.optimizer = MosaicOptimizer(self.model, args)
         self.scheduler = build_scheduler(self.optimizer, args)
+        if args.save:
+            self._check_save()
         self.obs = Observability(args, self.rank)
         if args.timing_log_level > 0:  # Megatron's schedules and grad sync time themselves
             self.model[0].config.timers = self.obs.timers
         init_batch_schedule(args, self.rank)
         self.state = TrainState()
-        if args.load:
+        if self.load_path is not None:
             self._load()
         flops = model_flops_per_sample(args, self.model) if args.log_throughput else None
         self.reporter = TrainingReporter(
@@ -87,6 +96,23 @@ class Run:
         if loaded["args"] is not None:
             what = "weights for finetuning" if args.finetune else "checkpoint"
             self.log(f" loaded {what} from {args.load} (saved at iteration {loaded['iteration']})")
+
+    def _check_load(self) -> Optional[str]:
+        """The checkpoint --load names, verified file by file before any model exists; None
+        (said on rank 0) when the directory holds none yet. A missing path is an error."""
+        args = self.args
+        path = agree(lambda: resolve_load(args.load, args.save), "checking --load")
+        if path is None:
+            self.log(f" no checkpoint in {args.load}, starting from scratch")
+        return path
+
+    def _check_save(self) -> None:
+        """--save: a writable directory with room for one checkpoint, before training starts;
+        leftovers of saves a crash interrupted are removed."""
+        args = self.args
+        needed = global_checkpoint_bytes(self.model, with_optimizer=not getattr(args, "no_save_optim", False))
+        local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        agree(lambda: check_save_dir(args.save, needed, clean=local_first), "checking --save")
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -246,12 +272,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Train; a user error (data, paths, checkpoints, a full disk, divergence) is one ``ERROR:``
+    line on rank 0 and exit status 1. Any other exception is a bug: its traceback is kept."""
     try:
         pretrain(args)
-    except (TrainingDivergedError, CheckpointMismatchError) as err:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"ERROR: {err}", file=sys.stderr, flush=True)
+    except Exception as err:
+        if not report_error(err):
+            raise
         return 1
+    except KeyboardInterrupt:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print("ERROR: interrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
         destroy_distributed()
     return 0

@@ -119,7 +119,7 @@ def test_data_errors(tmp_path, data, caplog):
     writer.commit()
     with caplog.at_level(logging.WARNING, logger="megatron_mosaic.data.datasets"):
         build_train_valid_test_datasets(args(tmp_path, train_data_path=[no_eod]), tok, SEQ, 1, [4, None, None])
-    assert "do not end with the EOD id" in caplog.text
+    assert "ends with the EOD id" in caplog.text
 
 
 def test_mock_data(tmp_path, data):

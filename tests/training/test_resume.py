@@ -79,7 +79,12 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
         torch.allclose(a, b.detach(), rtol=0.0, atol=0.0, equal_nan=True)
         for a, b in zip(before, run.optimizer.parameters()))
 
-    # 3. A crash in the middle of writing iteration 3 keeps iteration 2 the loadable one.
+    # 3. A crash in the middle of writing iteration 3 keeps iteration 2 the loadable one, and
+    #    the partial directory is removed. (The weights are made finite again first: a
+    #    checkpoint with NaN weights is refused before anything is written.)
+    with torch.no_grad():
+        for name, param in run.model[0].named_parameters():
+            param.copy_(saved_at_2[name])
     real_save = checkpointing.dist_checkpointing.save
 
     def crashing_save(state, path, **kwargs):
@@ -90,9 +95,9 @@ def _failures(rank: int, world_size: int, root: str) -> dict:
     checkpointing.dist_checkpointing.save = crashing_save
     try:
         save_checkpoint(save_dir, 3, run.model, run.optimizer, run.scheduler, args={"x": 1})
-        out["crash_raised"] = False
-    except RuntimeError:
-        out["crash_raised"] = True
+        out["crash_raised"] = None
+    except checkpointing.CheckpointSaveError as err:
+        out["crash_raised"] = str(err)
     finally:
         checkpointing.dist_checkpointing.save = real_save
     out["tracker_after_crash"] = read_tracker(save_dir)
@@ -128,9 +133,11 @@ def test_divergence_crash_and_duration_limit(tmp_path):
         assert r["dirs_after_divergence"] == ["iter_0000001", "iter_0000002",
                                               "latest_checkpointed_iteration.txt"]
         assert r["inf_grad_norm"] == float("inf") and r["inf_grad_untouched"]
-        assert r["crash_raised"]
+        assert "simulated crash while writing" in r["crash_raised"], r["crash_raised"]
+        assert "the partial directory was removed and the latest checkpoint is still iteration 2" in r["crash_raised"]
         assert r["tracker_after_crash"] == 2
         assert "iter_0000003" not in r["dirs_after_crash"]
+        assert "iter_0000003.partial" not in r["dirs_after_crash"]
         assert r["reloaded_iteration"] == 2 and r["reloaded_equal"], f"rank {rank}"
         assert "--hidden-size 32 (checkpoint) vs 64 (now)" in r["mismatch"], r["mismatch"]
         assert r["duration_exit"].startswith("exceeded --exit-duration-in-mins")
