@@ -25,6 +25,14 @@ from ..parallel.dispatch import causal_attention, context_parallel_size
 from .context import MemoryContext
 
 
+def _document_mask(layout) -> Tensor:
+    """[b, 1, s, s] bool, True = masked out (Megatron's convention): keys after the query or in
+    another document."""
+    pos, starts = layout.positions, layout.doc_starts
+    visible = (pos[:, None, :] <= pos[:, :, None]) & (starts[:, :, None] == starts[:, None, :])
+    return ~visible.unsqueeze(1)
+
+
 class SDPACoreAttention(MegatronModule):
     """softmax(q kᵀ · scale + mask) v with ``F.scaled_dot_product_attention``.
 
@@ -65,12 +73,15 @@ class SDPACoreAttention(MegatronModule):
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         dropout_p = self.dropout_p if self.training else 0.0
         if packed_seq_params is not None and not packed_seq_params.whole_sequence:
-            if dropout_p > 0:
-                raise NotImplementedError("SDPACoreAttention: attention dropout with document masking "
-                                          "or context parallelism")
             context = packed_seq_params
-            out = causal_attention(q, k, v, self.softmax_scale, context.layout, group=context.cp_group)
-            return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+            if dropout_p == 0:
+                out = causal_attention(q, k, v, self.softmax_scale, context.layout, group=context.cp_group)
+                return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+            if context.cp_group is not None:
+                raise NotImplementedError("SDPACoreAttention: attention dropout under context parallelism "
+                                          "(use --attention-dropout 0)")
+            # Dropout needs SDPA's own kernel: the document mask as an explicit (s, s) mask.
+            attention_mask = _document_mask(context.layout)
         if attention_mask is None and context_parallel_size() > 1:
             raise ValueError("SDPACoreAttention: context parallelism needs a MemoryContext (packed_seq_params)")
         # Dropout inside a TP region needs the model-parallel RNG stream (as DotProductAttention).

@@ -198,6 +198,14 @@ def test_gpt_sdpa_attention_matches_causal_softmax(packed):
     q, k, v = (torch.randn(SEQ, BATCH, 4, 8) for _ in range(3))
     layout = SequenceLayout.from_tokens(packed_tokens(torch.Generator().manual_seed(8)), EOD)
     got = attn(q, k, v, None, packed_seq_params=MemoryContext(layout, 1) if packed else None)
+    if packed:  # with attention dropout the document mask goes to SDPA explicitly: same result
+        from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+        initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # the CPU tracker training uses
+        attn.dropout_p = 1e-12
+        dense = attn(q, k, v, None, packed_seq_params=MemoryContext(layout, 1))
+        attn.dropout_p = 0.0
+        torch.testing.assert_close(dense, got, rtol=1e-5, atol=1e-6)
     scores = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(8)
     hidden = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)
     if packed:
