@@ -310,9 +310,9 @@ class _RingRecall(torch.autograd.Function):
     # Scores and softmax in fp32 under autocast too (memory/precision.py): both passes run in an
     # fp32 region, whatever autocast state the caller's forward or backward is in.
     @staticmethod
-    def forward(ctx, q, k, v, doc_starts, ring: _Ring, tile_rows: int):  # type: ignore[override]
+    def forward(ctx, q, k, v, doc_starts, ring: _Ring, tiles: list[QueryTile]):  # type: ignore[override]
         with fp32_region(q.device):
-            return _RingRecall._forward(ctx, q, k, v, doc_starts, ring, tile_rows)
+            return _RingRecall._forward(ctx, q, k, v, doc_starts, ring, tiles)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -320,9 +320,8 @@ class _RingRecall(torch.autograd.Function):
             return _RingRecall._backward(ctx, grad_out)
 
     @staticmethod
-    def _forward(ctx, q, k, v, doc_starts, ring: _Ring, tile_rows: int):
+    def _forward(ctx, q, k, v, doc_starts, ring: _Ring, tiles: list[QueryTile]):
         B, H, T, _ = q.shape
-        tiles = make_query_tiles(ring.plan, doc_starts, tile_rows)
         dt = _compute_dtype(q)
         out = torch.zeros(B, H, T, v.shape[-1], dtype=dt, device=q.device)
         lse = torch.full((B, H, T), float("-inf"), dtype=dt, device=q.device)
@@ -413,15 +412,22 @@ def ring_associative_recall(
             f"ring_associative_recall: this rank holds {T_local} tokens but total_length "
             f"{layout.total_length} over context_parallel_size {cp_size} gives {plan.local_length}"
         )
-    expected = plan.global_index(layout.positions.device)
-    if not torch.equal(layout.positions, expected.expand_as(layout.positions)):
+    # Checked once per layout (a host sync): the layers of a micro-batch share its layout.
+    if not layout.cache.get(("cp_positions_checked", plan)) and not torch.equal(
+        layout.positions, plan.global_index(layout.positions.device).expand_as(layout.positions)
+    ):
         raise ValueError(
             "ring_associative_recall: layout.positions are not this rank's load-balanced chunks "
             f"(rank {cp_rank} of {cp_size} holds chunks {plan.chunks}); split the full-sequence "
             "layout with split_for_context_parallel"
         )
+    layout.cache[("cp_positions_checked", plan)] = True
     rows = tile_rows or default_tile_rows(plan, B, H, max_tile_elements)
+    # The tiles' document bounds cost one host transfer: once per layout and tile size.
+    tiles = layout.cache.get(("cp_query_tiles", plan, rows))
+    if tiles is None:
+        tiles = layout.cache[("cp_query_tiles", plan, rows)] = make_query_tiles(plan, layout.doc_starts, rows)
     exchange = PeerExchange(group) if cp_size > 1 else None
     ring = _Ring(plan, visibility, exchange)
-    return _RingRecall.apply(queries, keys, values, layout.doc_starts, ring, rows)
+    return _RingRecall.apply(queries, keys, values, layout.doc_starts, ring, tiles)
 
