@@ -101,9 +101,21 @@ def _relative_imports(path: str) -> list[str]:
 
 def memory_code_files() -> list[str]:
     """The memory-math files an exported directory needs: those the modeling file imports
-    relatively, then theirs, transitively (so a new sibling of retrieval.py is shipped too)."""
-    needed: set[str] = set()
+    relatively, then theirs, transitively. Early transformers 5.x (5.0) copies only the modeling
+    file's direct relative imports into its module cache, so every one of them must be direct."""
     modeling = os.path.join(HF_PACKAGE_DIR, MODELING_FILE)
+    direct = {f"{module}.py" for module in _relative_imports(modeling)}
+    needed = _relative_import_closure(modeling)
+    indirect = sorted(needed - direct)
+    if indirect:
+        raise ConversionError(f"{modeling}: needs {', '.join(indirect)} only through other memory files; import "
+                              "each directly (transformers 5.0 loads no indirect relative import of remote code)")
+    return sorted(needed)
+
+
+def _relative_import_closure(modeling: str) -> set[str]:
+    """Memory files ``modeling`` imports relatively, and theirs, transitively."""
+    needed: set[str] = set()
     queue = [(module, modeling) for module in _relative_imports(modeling)]
     while queue:
         module, importer = queue.pop()
@@ -116,7 +128,7 @@ def memory_code_files() -> list[str]:
                                   f"{MEMORY_PACKAGE_DIR}")
         needed.add(name)
         queue += [(sibling, source) for sibling in _relative_imports(source)]
-    return sorted(needed)
+    return needed
 
 
 def _check_portable(path: str) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache_memory_mosaic import MemoryCache, MosaicCache
@@ -52,6 +53,11 @@ else:
     from .bandwidth import adaptive_bandwidth
     from .features import exp10_scale, finish_values, gated_unit_keys, leaky_keys
     from .layout import SequenceLayout
+    # Unused here, imported for the loader: transformers 5.0 copies only the modeling file's
+    # direct relative imports into its module cache, and scan.py and retrieval.py import these
+    # (export.memory_code_files refuses an export that would miss one).
+    from .flex import flex_recall  # noqa: F401
+    from .precision import fp32_region  # noqa: F401
     from .retrieval import Visibility, associative_recall
     from .values import peek_values
 
@@ -514,33 +520,36 @@ class MemoryMosaicPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # the cache cannot be rewound: no assisted decoding
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Random init for modules whose weights were not loaded (spec inits for the scalars)."""
+        """Random init for modules whose weights were not loaded (spec inits for the scalars).
+
+        Through transformers.initialization, which skips tensors from_pretrained already
+        loaded: transformers 5.0 calls this on modules whose weights came from the checkpoint,
+        and a plain in-place init would overwrite them."""
         std = self.config.initializer_range
-        with torch.no_grad():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, (LayerNorm, RMSNorm)):
-                module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, LeakyKeyExtractor):
-                H = module.leak.shape[0]
-                module.leak.copy_(torch.linspace(0.5, 5.0, H) / 10)
-                module.key_scale.fill_(0.1)
-            elif isinstance(module, ValueExtractor):
-                module.mix.uniform_(0.0, 1.0)
-                module.value_scale.fill_(-0.05 if module.version == 1 else 0.0)
-            elif isinstance(module, PersistentMemory):
-                hs = module.memory_keys.shape[-1]
-                module.memory_keys.normal_(0.0, hs**-0.5)
-                module.memory_values.normal_(0.0, hs**-0.5)
-                module.output_scale.fill_(-0.05)
-            elif isinstance(module, AdaptivePairMemory):
-                module.bandwidth_theta0.fill_(1.5)
-                module.bandwidth_theta1.fill_(1.5)
-                module.bandwidth_theta_alpha.fill_(1 / 3)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (LayerNorm, RMSNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, LeakyKeyExtractor):
+            H = module.leak.shape[0]
+            init.copy_(module.leak, torch.linspace(0.5, 5.0, H, device=module.leak.device) / 10)
+            init.constant_(module.key_scale, 0.1)
+        elif isinstance(module, ValueExtractor):
+            init.uniform_(module.mix, 0.0, 1.0)
+            init.constant_(module.value_scale, -0.05 if module.version == 1 else 0.0)
+        elif isinstance(module, PersistentMemory):
+            hs = module.memory_keys.shape[-1]
+            init.normal_(module.memory_keys, 0.0, hs**-0.5)
+            init.normal_(module.memory_values, 0.0, hs**-0.5)
+            init.constant_(module.output_scale, -0.05)
+        elif isinstance(module, AdaptivePairMemory):
+            init.constant_(module.bandwidth_theta0, 1.5)
+            init.constant_(module.bandwidth_theta1, 1.5)
+            init.constant_(module.bandwidth_theta_alpha, 1 / 3)
 
 
 class MemoryMosaicModel(MemoryMosaicPreTrainedModel):

@@ -77,12 +77,17 @@ def test_cached_generation_of_exported_models_equals_recomputation(name, exporte
     assert torch.equal(cached, recomputed)
 
 
-def test_generate_tool_prints_text_continuations(exported, parallel_checkpoints, capsys):
+def _generate_tool():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
     try:
         import generate
     finally:
         sys.path.pop(0)
+    return generate
+
+
+def test_generate_tool_prints_text_continuations(exported, parallel_checkpoints, capsys):
+    generate = _generate_tool()
     assert generate.main(["--load", exported["v2_tp2"], "--prompt", "def forward", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert "=== def forward" in out and "--- 5 tokens" in out
@@ -188,15 +193,6 @@ def test_generation_never_emits_padded_vocabulary_ids(exported):
     (result,) = generate_continuations(model, tokenizer, ["def forward"], max_new_tokens=5)
     assert result.new_ids and max(result.new_ids) < real
     assert isinstance(result.text, str)
-
-
-def _generate_tool():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
-    try:
-        import generate
-    finally:
-        sys.path.pop(0)
-    return generate
 
 
 @pytest.mark.parametrize("name", ["v1_pp2", "v2_tp2", "gpt_tp2"])

@@ -156,7 +156,8 @@ def test_exported_directory_code_under_every_convention(version, tmp_path):
     from transformers import AutoModelForCausalLM
 
     target = str(tmp_path / f"hf_v{version}")
-    _export_code_and_weights(tiny_model(version), target)
+    source = tiny_model(version)
+    _export_code_and_weights(source, target)
     model = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules.")
     remote = sys.modules[type(model).__module__]
@@ -164,6 +165,8 @@ def test_exported_directory_code_under_every_convention(version, tmp_path):
     ids = prompts(2, 10)
     with torch.no_grad():
         full = model(ids).logits
+        # Loading kept every saved weight (transformers 5.0 runs _init_weights after loading).
+        torch.testing.assert_close(full, source(ids).logits, rtol=1e-5, atol=1e-5)
     with no_deprecation_warnings():
         for cache_name in ("cache", "past_key_values"):
             cache, pieces = None, []
@@ -177,3 +180,12 @@ def test_exported_directory_code_under_every_convention(version, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         model(ids[:, :1], cache=cache, past_key_values=cache)
     assert torch.equal(cached, model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_exported_memory_files_are_direct_imports_of_the_modeling_file():
+    """transformers 5.0 copies only a remote-code file's direct relative imports: a memory file
+    reached only through another (precision.py through scan.py) would be missing at load."""
+    from megatron_mosaic.hf.export import memory_code_files
+
+    files = memory_code_files()  # raises ConversionError naming any indirect one
+    assert {"scan.py", "retrieval.py", "layout.py"} <= set(files)
