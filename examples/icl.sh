@@ -3,8 +3,8 @@
 # size on a blend of synthetic in-context tasks and real text (NullTokenizer ids), evaluate each
 # at 1x, 4x and 8x the training length, and write one report into runs/icl/.
 # Knobs (environment variables):
-#   ICL_ITERS (600)  ICL_SEQ_LENGTH (128)  ICL_VOCAB (512)  ICL_SYMBOLS (32)  ICL_TRAIN_DOCS (3000)
-#   ICL_EVAL_DOCS (16)  ICL_MODELS ("mosaic-v1 mosaic-v2 gpt")  ICL_NPROC (2)
+#   ICL_ITERS (800)  ICL_SEQ_LENGTH (128)  ICL_VOCAB (512)  ICL_SYMBOLS (32)  ICL_TRAIN_DOCS (3000)
+#   ICL_EVAL_DOCS (8)  ICL_MODELS ("mosaic-v1 mosaic-v2 gpt")  ICL_NPROC (2)
 #   ICL_DATA (data/icl)  ICL_RUNS (runs/icl)  SHAKESPEARE (data/shakespeare)  PYTHON (.venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +13,12 @@ PY=${PYTHON:-.venv/bin/python}
 DATA=${ICL_DATA:-data/icl}
 RUNS=${ICL_RUNS:-runs/icl}
 TEXT=${SHAKESPEARE:-data/shakespeare}
-ITERS=${ICL_ITERS:-600}
+ITERS=${ICL_ITERS:-800}
 LEN=${ICL_SEQ_LENGTH:-128}
 VOCAB=${ICL_VOCAB:-512}
 SYMBOLS=${ICL_SYMBOLS:-32}  # keys and values per set: few, so their embeddings train in minutes
 TRAIN_DOCS=${ICL_TRAIN_DOCS:-3000}
-EVAL_DOCS=${ICL_EVAL_DOCS:-16}
+EVAL_DOCS=${ICL_EVAL_DOCS:-8}
 MODELS=${ICL_MODELS:-mosaic-v1 mosaic-v2 gpt}
 NPROC=${ICL_NPROC:-2}
 export PYTHONWARNINGS=ignore  # megatron-core warns once per rank about every absent GPU library
