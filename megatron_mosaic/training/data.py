@@ -10,7 +10,6 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_mosaic.data.loader import build_data_loader, cyclic
-from megatron_mosaic.training.mock_data import SyntheticDataset
 
 
 @dataclass
@@ -22,16 +21,16 @@ class DataSources:
 
 
 def build_data(args: argparse.Namespace) -> DataSources:
-    """Datasets and vocabulary: synthetic for --mock-data, else the preprocessed corpus."""
+    """Datasets and vocabulary: the preprocessed corpus, or Megatron's MockGPTDataset for
+    --mock-data (documents of random length holding ids 1, 2, 3, ... modulo the vocabulary,
+    each ending in EOD, sampled into sequences exactly as a real corpus is)."""
     train_samples = (getattr(args, "train_samples", None)
                      or max(args.train_iters, 1) * args.global_batch_size)
     valid_samples = max(args.eval_iters, args.per_position_eval_iters, 1) * args.global_batch_size
-    if args.mock_data:
-        return _mock_data(args, train_samples, valid_samples)
     from megatron_mosaic.data.datasets import build_train_valid_test_datasets
     from megatron_mosaic.data.tokenizers import build_tokenizer
 
-    tokenizer = build_tokenizer(args)
+    tokenizer = build_tokenizer(_mock_tokenizer_args(args) if args.mock_data else args)
     train, valid, _ = build_train_valid_test_datasets(
         args, tokenizer, args.seq_length, args.seed, [train_samples, valid_samples, None])
     if train is None:
@@ -40,19 +39,12 @@ def build_data(args: argparse.Namespace) -> DataSources:
                        eod_token_id=tokenizer.eod)
 
 
-def _mock_data(args: argparse.Namespace, train_samples: int, valid_samples: int) -> DataSources:
-    """Synthetic tokens over --vocab-size ids, or over the --tokenizer-type's vocabulary with its
-    EOD splitting documents (as Megatron-LM's mock data uses the tokenizer when one is named)."""
-    vocab, eod = args.vocab_size, None
+def _mock_tokenizer_args(args: argparse.Namespace) -> argparse.Namespace:
+    """--mock-data's tokenizer: --tokenizer-type's, else NullTokenizer over --vocab-size N (ids
+    0..N-1, EOD N), the pairing Megatron-LM's own mock-data example uses."""
     if args.tokenizer_type is not None:
-        from megatron_mosaic.data.tokenizers import build_tokenizer
-
-        tokenizer = build_tokenizer(args)
-        vocab, eod = tokenizer.vocab_size, tokenizer.eod
-    return DataSources(
-        train=SyntheticDataset(train_samples, args.seq_length, vocab, seed=args.seed, eod_token_id=eod),
-        valid=SyntheticDataset(valid_samples, args.seq_length, vocab, seed=args.seed + 1, eod_token_id=eod),
-        vocab_size=vocab, eod_token_id=eod)
+        return args
+    return argparse.Namespace(**{**vars(args), "tokenizer_type": "NullTokenizer"})
 
 
 def make_iterators(args: argparse.Namespace, dataset: Any, start_sample: int, num_chunks: int,

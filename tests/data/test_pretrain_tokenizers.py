@@ -84,7 +84,8 @@ def test_mock_data_takes_the_null_tokenizer_vocabulary():
         TRAIN + ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]), 1)
     data = build_data(args)
     assert (data.vocab_size, data.eod_token_id) == (11, 10)
-    tokens = [int(t) for i in range(len(data.train)) for t in data.train[i]["tokens"]]
+    # --mock-data is Megatron's MockGPTDataset: an epoch is millions of samples; 200 suffice.
+    tokens = [int(t) for i in range(200) for t in data.train[i]["tokens"]]
     assert max(tokens) == 10 and 10 in tokens  # documents end with EOD = N
 
 
