@@ -44,6 +44,8 @@ class ArgumentError(ValueError):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODELS, default="mosaic-v2")
+    # Megatron-LM has no default for the sizes below (they must be given there); a small model
+    # here lets `pretrain_mosaic.py --mock-data --vocab-size N` alone run as a smoke test.
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--num-attention-heads", type=int, default=4)
@@ -76,7 +78,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--micro-batch-size", type=int, default=4,
+                   help="Megatron-LM requires it; 4 here for the smoke test")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro batch size * data-parallel size")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -88,7 +91,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights")
     g.add_argument("--fp8-format", choices=("e4m3", "hybrid"), default=None,
                    help="FP8 through Transformer Engine (needs CUDA and transformer-engine)")
-    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
+                   help="Megatron-LM's default is transformer_engine; local here because Transformer "
+                        "Engine needs CUDA and is not installed by default")
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
