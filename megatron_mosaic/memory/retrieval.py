@@ -197,6 +197,7 @@ def associative_recall(
     key_layout: SequenceLayout | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    fp32_scores: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """y_t = Σ_{i visible to t} softmax_i(q_t · k_i) v_i, with scale 1 (fold β into queries).
 
@@ -215,6 +216,8 @@ def associative_recall(
     queries' dtype.
     backend: "flex" or "sdpa" for every case but the plain shift (None: RECALL_BACKEND of the
     device, sdpa where FlexAttention cannot run the call, e.g. a CPU backward).
+    fp32_scores: False leaves the kernels to autocast, as a transformer's attention (the GPT
+    baseline's: scores scaled by 1/√d stay small); memories keep the default.
     """
     if queries.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
         raise ValueError("associative_recall: queries, keys, values must be (B, H, T, D); got "
@@ -242,9 +245,12 @@ def associative_recall(
     # Scores and softmax in fp32 whatever the autocast (memory/precision.py); the output goes
     # back to the queries' dtype, the lse stays fp32.
     flex = _use_flex(backend, queries, keys, values)
-    with fp32_region(queries.device):
-        result = _recall(upcast(queries), upcast(keys), upcast(values), visibility, query_layout, key_layout,
-                         return_lse, plain, flex)
+    if fp32_scores:
+        with fp32_region(queries.device):
+            result = _recall(upcast(queries), upcast(keys), upcast(values), visibility, query_layout, key_layout,
+                             return_lse, plain, flex)
+    else:
+        result = _recall(queries, keys, values, visibility, query_layout, key_layout, return_lse, plain, flex)
     if return_lse:
         return result[0].to(queries.dtype), result[1]
     return result.to(queries.dtype)

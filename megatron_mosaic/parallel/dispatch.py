@@ -83,6 +83,7 @@ def associative_recall(
     key_layout: SequenceLayout | None = None,
     return_lse: bool = False,
     group: dist.ProcessGroup | None = None,
+    fp32_scores: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``memory.associative_recall``; under CP the (k, v) rows travel the ring.
 
@@ -91,7 +92,8 @@ def associative_recall(
     """
     group, size, rank = context_parallel_info(group)
     if size == 1:
-        return memory.associative_recall(queries, keys, values, visibility, query_layout, key_layout, return_lse)
+        return memory.associative_recall(queries, keys, values, visibility, query_layout, key_layout, return_lse,
+                                         fp32_scores=fp32_scores)
     if return_lse:
         raise ValueError("associative_recall: return_lse is internal to the CP ring; not available with CP > 1")
     if key_layout is not None and (query_layout is None or not (
@@ -115,6 +117,9 @@ def causal_attention(
 
     queries, keys, values: (B, H, T_local, D) with the same head count (expand GQA groups
     first). Visibility(delay=0) is exactly the causal mask; with a layout carrying document
-    starts it is also document-masked. The softmax scale is folded into the queries.
+    starts it is also document-masked. The softmax scale is folded into the queries. Under
+    autocast the kernels run in its dtype, as any transformer's attention (CP = 1; the CP ring
+    always accumulates in fp32).
     """
-    return associative_recall(queries * softmax_scale, keys, values, Visibility(delay=0), layout, layout, group=group)
+    return associative_recall(queries * softmax_scale, keys, values, Visibility(delay=0), layout, layout, group=group,
+                              fp32_scores=False)

@@ -84,3 +84,19 @@ def test_precision_helpers():
     with fp32_region(torch.device("meta")):  # no autocast there: a no-op, not an error
         pass
     assert SequenceLayout.contiguous(1, 2).single_document
+
+
+def test_fp32_scores_off_leaves_the_kernels_to_autocast():
+    """The GPT baseline's attention (fp32_scores=False) runs in autocast's dtype like any
+    transformer's; the memories' default does not."""
+    gen = torch.Generator().manual_seed(2)
+    layout = random_layout(B, T, 0.02, gen)
+    q, k, v = (t.detach() for t in _inputs(gen))
+    inputs = (q.bfloat16(), k.bfloat16(), v.bfloat16(), Visibility(delay=0), layout, layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = associative_recall(*inputs, fp32_scores=False)
+        precise = associative_recall(*inputs)
+    exact = associative_recall(q, k, v, Visibility(delay=0), layout, layout)
+    assert fast.dtype == precise.dtype == torch.bfloat16
+    assert not torch.equal(fast, precise)  # bf16 kernels, not the fp32 region
+    assert_close(fast, exact, rtol=0.1, atol=0.1, what="bf16 attention")
