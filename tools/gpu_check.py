@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--device", default=default, help=f"cuda or cpu (default here: {default})")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="benchmark sequence lengths (default: 4096 16384 32768 on a GPU, 256 512 on the CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="benchmark repeats (default: 10 GPU, 2 CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="benchmark repeats (default: 5 GPU, 2 CPU)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["math", "models", "training", "te", "bench"])
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -159,7 +159,7 @@ def main() -> int:
         torch.cuda.set_device(device.index or 0)
     gpu = device.type == "cuda"
     lengths = args.lengths or ([4096, 16384, 32768] if gpu else [256, 512])
-    repeats = args.repeats or (10 if gpu else 2)
+    repeats = args.repeats or (5 if gpu else 2)
     print(f"gpu_check on {torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}")
     checks = [
         ("math", lambda: check_memory_math(device)),
