@@ -1,7 +1,7 @@
 """The one place where megatron-core's CUDA assumptions are bridged to the CPU.
 
 megatron-core 0.16 has no CPU path: a few call sites hard-code the GPU. On a machine without
-CUDA this module makes five of them work on the CPU so the same training loop (Megatron DDP,
+CUDA this module makes these work on the CPU so the same training loop (Megatron DDP,
 ``finalize_model_grads``, pipeline schedules, ``dist_checkpointing``) runs on gloo:
 
 1. ``torch.cuda.current_device()`` -> ``"cpu"``. Megatron allocates p2p shape/receive buffers
@@ -25,6 +25,14 @@ CUDA this module makes five of them work on the CPU so the same training loop (M
    CPU there is no CUDA generator to keep; the CPU generator and the RNG tracker are still saved
    and restored by the same code.
 
+6. ``device="cuda"`` literals in Megatron's optimizers (``optimizer/optimizer.py`` dummy overflow
+   buffer and unit scale, ``optimizer/clip_grads.py``, ``core/utils.py``'s local multi-tensor
+   l2 norm): the same ``torch`` proxy as for the schedules, in those three modules.
+7. ``param.type() == 'torch.cuda.FloatTensor'`` checks in ``DistributedOptimizer.
+   _build_model_and_main_param_groups`` and ``clip_grad_by_total_norm_fp32``: the two functions
+   are recompiled from their own source with the CPU type names (no other change), and
+   ``optimizer.py``'s imported name of the latter is rebound.
+
 Nothing is patched when CUDA is available: GPU runs use megatron-core untouched. Every patch is
 shown to still be needed by ``tests/training/test_cuda_compat.py`` (the unpatched call fails on
 CPU); when an upgrade makes one unnecessary that test fails and the patch should be dropped.
@@ -33,6 +41,8 @@ CPU); when an upgrade makes one unnecessary that test fails and the patch should
 from __future__ import annotations
 
 import contextlib
+import inspect
+import textwrap
 import types
 import warnings
 from typing import Any, Iterator
@@ -71,11 +81,32 @@ class _CpuDeviceTorch(types.ModuleType):
         return attr
 
 
-PATCHES = ("current_device", "synchronize", "schedules", "linear_autocast", "checkpoint_rng")
+PATCHES = ("current_device", "synchronize", "schedules", "linear_autocast", "checkpoint_rng",
+           "optimizer_devices", "optimizer_type_checks")
 
 
 def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+_CPU_TYPE_NAMES = {"'torch.cuda.FloatTensor'": "'torch.FloatTensor'",
+                   "'torch.cuda.HalfTensor'": "'torch.HalfTensor'",
+                   "'torch.cuda.BFloat16Tensor'": "'torch.BFloat16Tensor'"}
+_recompiled: dict[str, Any] = {}
+
+
+def _with_cpu_type_names(function: Any) -> Any:
+    """``function`` recompiled from its source with the CUDA tensor-type names of its
+    ``param.type()`` checks replaced by the CPU ones (built once, in its own module's globals)."""
+    key = f"{function.__module__}.{function.__qualname__}"
+    if key not in _recompiled:
+        source = textwrap.dedent(inspect.getsource(function))
+        for cuda_name, cpu_name in _CPU_TYPE_NAMES.items():
+            source = source.replace(cuda_name, cpu_name)
+        namespace: dict[str, Any] = {}
+        exec(compile(source, inspect.getsourcefile(function), "exec"), function.__globals__, namespace)
+        _recompiled[key] = namespace[function.__name__]
+    return _recompiled[key]
 
 
 def _cpu_autocast_function(cls: type) -> type:
@@ -102,8 +133,18 @@ def _cpu_linear_functions() -> dict[str, type]:
 def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
     """patch name -> [(object, attribute, CPU replacement)]."""
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core import utils as core_utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as optimizer_module
     from megatron.core.tensor_parallel import layers
     from megatron.core.tensor_parallel import random as tp_random
+
+    if not _recompiled:  # from the unpatched functions, before the first apply()
+        _with_cpu_type_names(distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups)
+        _with_cpu_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    build_groups = _recompiled["megatron.core.optimizer.distrib_optimizer."
+                               "DistributedOptimizer._build_model_and_main_param_groups"]
+    cpu_clip = _recompiled["megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32"]
 
     return {
         "current_device": [(torch.cuda, "current_device", _cpu_current_device)],
@@ -112,6 +153,14 @@ def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
         "linear_autocast": [(layers, name, fn) for name, fn in _cpu_linear_functions().items()],
         "checkpoint_rng": [(tp_random, "_get_cuda_rng_state", _no_cuda_rng_state),
                            (tp_random, "_set_cuda_rng_state", _no_cuda_rng_state)],
+        "optimizer_devices": [(module, "torch", _CpuDeviceTorch())
+                              for module in (optimizer_module, clip_grads, core_utils)],
+        "optimizer_type_checks": [
+            (distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups",
+             build_groups),  # a classmethod: its decorator is part of the recompiled source
+            (clip_grads, "clip_grad_by_total_norm_fp32", cpu_clip),
+            (optimizer_module, "clip_grad_by_total_norm_fp32", cpu_clip),
+        ],
     }
 
 
@@ -135,7 +184,8 @@ def apply() -> bool:
         )
     for name, targets in _targets().items():
         if name not in _original:
-            _original[name] = [getattr(obj, attr) for obj, attr, _ in targets]
+            # getattr_static keeps a staticmethod a staticmethod when it is put back.
+            _original[name] = [inspect.getattr_static(obj, attr) for obj, attr, _ in targets]
             for obj, attr, replacement in targets:
                 setattr(obj, attr, replacement)
     return True

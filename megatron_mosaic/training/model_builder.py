@@ -152,10 +152,12 @@ def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> in
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def wrap_for_training(chunks: list[MegatronModule]) -> list[DistributedDataParallel]:
-    """Megatron DDP around each chunk (fp32 grad buffers, reduced in finalize_model_grads)."""
+def wrap_for_training(chunks: list[MegatronModule],
+                      use_distributed_optimizer: bool = False) -> list[DistributedDataParallel]:
+    """Megatron DDP around each chunk (fp32 grad buffers, reduced in finalize_model_grads;
+    reduce-scattered into each DP rank's shard for Megatron's DistributedOptimizer)."""
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+                                               use_distributed_optimizer=use_distributed_optimizer)
     wrapped = [
         DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                 # Megatron-LM: only the first chunk's grads use buckets.

@@ -46,6 +46,7 @@ from megatron_mosaic.training.model_builder import build_model, pad_vocab_size, 
 from megatron_mosaic.training.batch_schedule import init_batch_schedule
 from megatron_mosaic.training.flops import model_flops_per_sample
 from megatron_mosaic.training.observability import Observability
+from megatron_mosaic.training.megatron_optimizer import DistributedMegatronOptimizer
 from megatron_mosaic.training.optimizer import MosaicOptimizer, build_scheduler
 
 
@@ -62,8 +63,10 @@ class Run:
         self.load_path = self._check_load() if args.load else None
         if self.load_path is not None:
             check_checkpoint_matches(args)
-        self.model = wrap_for_training(build_model(args))
-        self.optimizer = MosaicOptimizer(self.model, args)
+        sharded = getattr(args, "use_distributed_optimizer", False)
+        self.model = wrap_for_training(build_model(args), use_distributed_optimizer=sharded)
+        self.optimizer = (DistributedMegatronOptimizer(self.model, args) if sharded
+                          else MosaicOptimizer(self.model, args))
         self.scheduler = build_scheduler(self.optimizer, args)
         if args.save:
             self._check_save()

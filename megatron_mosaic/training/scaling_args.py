@@ -21,6 +21,9 @@ def add_scaling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true",
                    help="with TP > 1: shard norms, residuals and dropout along the sequence")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Megatron's DistributedOptimizer: Adam state sharded over data parallelism "
+                        "(no checkpoints yet)")
 
 
 def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], None]) -> None:
@@ -41,5 +44,10 @@ def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], No
     else:
         check(method is None and layers is None,
               "--recompute-method/--recompute-num-layers need --recompute-granularity full")
+    check(not args.use_distributed_optimizer or not (args.save or args.load),
+          "--use-distributed-optimizer does not save or load checkpoints yet: drop --save/--load "
+          "or --use-distributed-optimizer")
+    check(not args.use_distributed_optimizer or not args.bf16,
+          "--use-distributed-optimizer with --bf16 is not supported yet (--bf16 is autocast here)")
     check(not args.sequence_parallel or args.tensor_model_parallel_size > 1,
           "--sequence-parallel needs --tensor-model-parallel-size > 1")

@@ -82,6 +82,28 @@ def _activation_checkpoint() -> None:
     torch.testing.assert_close(x.grad, 2 * x.detach().cos())
 
 
+def _megatron_optimizer_step(use_distributed_optimizer: bool) -> None:
+    """One step of Megatron's optimizer (distributed or plain) over a Megatron DDP linear."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                               use_cpu_initialization=True)
+    layer = ColumnParallelLinear(8, 8, config=config, init_method=torch.nn.init.normal_, bias=False)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=use_distributed_optimizer)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=layer)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=0.1, clip_grad=1.0,
+                        use_distributed_optimizer=use_distributed_optimizer), [model])
+    before = layer.weight.detach().clone()
+    model(torch.ones(2, 8))[0].sum().backward()
+    model.finish_grad_sync()
+    success, norm, _ = optimizer.step()
+    assert success and norm > 0 and not torch.equal(layer.weight, before)
+
+
 def _outcome(fn, *args) -> str:
     try:
         fn(*args)
@@ -105,6 +127,8 @@ def _check_patches(rank: int, world_size: int, tmp: str) -> dict:
         "synchronize": (_dist_checkpoint_save, os.path.join(tmp, "unpatched")),
         "linear_autocast": (_linear_under_cpu_autocast,),
         "checkpoint_rng": (_activation_checkpoint,),
+        "optimizer_devices": (_megatron_optimizer_step, False),
+        "optimizer_type_checks": (_megatron_optimizer_step, True),
     }
     for name in ("unpatched", "patched"):
         os.makedirs(os.path.join(tmp, name))
@@ -124,7 +148,8 @@ def test_each_cpu_patch_is_needed_and_sufficient(tmp_path):
     assert result.pop("still_active")
     for patch, (without, with_patch) in result.items():
         assert without != "ok", f"{patch}: the unpatched call now works on CPU; drop this patch"
-        expected = "same dtype" if patch == "linear_autocast" else "CUDA"
+        expected = {"linear_autocast": "same dtype", "optimizer_type_checks": "Wrapped parameters must be"}.get(
+            patch, "CUDA")
         assert expected in without, f"{patch}: failed for another reason: {without}"
         assert with_patch == "ok", f"{patch}: fails even when patched: {with_patch}"
 
@@ -133,6 +158,7 @@ def test_patches_are_inactive_with_cuda_or_until_applied():
     from megatron_mosaic.training import cuda_compat
 
     assert set(cuda_compat.PATCHES) == {"current_device", "synchronize", "schedules",
-                                        "linear_autocast", "checkpoint_rng"}
+                                        "linear_autocast", "checkpoint_rng", "optimizer_devices",
+                                        "optimizer_type_checks"}
     with pytest.raises(ValueError, match="unknown cuda_compat patch"):
         cuda_compat.revert("no_such_patch")
