@@ -5,7 +5,8 @@ Analytic FLOPs count as Megatron-LM does: a multiply-add is 2 FLOPs, training is
 passes; per token the forward costs 2 x the layer's matrix weights (v1's persistent slots
 included: they are scored and mixed like a weight matrix) plus 4 d per (query, key) pair the
 layer retrieves from under its visibility rule on one document of T tokens. Scans, norms and
-softmax are O(T d) and left out. Times are medians of interleaved fwd+bwd steps in one process.
+softmax are O(T d) and left out. Times are medians of interleaved fwd+bwd steps in one process;
+"aten ops" counts the ops one fwd+bwd step dispatches (the launch-bound cost on a GPU).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mosaic.model import MosaicConfig, MosaicModel, build_gpt_baseline, gpt_baseline_config
 
@@ -108,6 +110,24 @@ def peak_memory(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: 
     return torch.cuda.max_memory_allocated(tokens.device) / 2**30
 
 
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> int:
+    """aten ops dispatched by one fwd+bwd step (each one a kernel launch or more on a GPU)."""
+    counter = _OpCounter()
+    with counter:
+        step(model, tokens, delay, bf16)
+    return counter.count
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -125,7 +145,7 @@ def print_device_table(device: torch.device, lengths: list[int], repeats: int) -
     print(f"    one layer, d={shape['d']} H={shape['heads']} window={shape['window']} delay={shape['delay']}, "
           f"B=1, {'bf16' if bf16 else 'fp32'}; ratios are to GPT (time ratio / FLOP ratio: 1 = same FLOP efficiency)")
     print(f"    {'T':>6} {'docs':<7} {'model':<5} {'tokens/s':>11} {'peak GiB':>9} {'MFU':>6} "
-          f"{'time/gpt':>9} {'flop/gpt':>9} {'ratio':>6}")
+          f"{'time/gpt':>9} {'flop/gpt':>9} {'ratio':>6} {'aten ops':>9}")
     for T in lengths:
         for packed in (False, True):
             tokens = tokens_for(1, T, packed).to(device)
@@ -137,4 +157,4 @@ def print_device_table(device: torch.device, lengths: list[int], repeats: int) -
                 t_ratio, f_ratio = seconds[k] / seconds["gpt"], flops[k] / flops["gpt"]
                 print(f"    {T:>6} {'packed' if packed else 'single':<7} {k:<5} {T / seconds[k]:>11,.0f} "
                       f"{(f'{mem:.2f}' if mem is not None else 'n/a'):>9} {mfu} {t_ratio:>9.2f} {f_ratio:>9.2f} "
-                      f"{t_ratio / f_ratio:>6.2f}", flush=True)
+                      f"{t_ratio / f_ratio:>6.2f} {aten_ops(m, tokens, shape['delay'], bf16):>9,}", flush=True)
