@@ -152,11 +152,12 @@ def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> in
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def wrap_for_training(chunks: list[MegatronModule],
-                      use_distributed_optimizer: bool = False) -> list[DistributedDataParallel]:
+def wrap_for_training(chunks: list[MegatronModule], use_distributed_optimizer: bool = False,
+                      overlap_grad_reduce: bool = False) -> list[DistributedDataParallel]:
     """Megatron DDP around each chunk (fp32 grad buffers, reduced in finalize_model_grads;
-    reduce-scattered into each DP rank's shard for Megatron's DistributedOptimizer)."""
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    reduce-scattered into each DP rank's shard for Megatron's DistributedOptimizer). With
+    ``overlap_grad_reduce`` each bucket's reduction starts during the last micro-batch's backward."""
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
                                                use_distributed_optimizer=use_distributed_optimizer)
     wrapped = [
         DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
@@ -166,4 +167,9 @@ def wrap_for_training(chunks: list[MegatronModule],
     ]
     config = wrapped[0].config
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:  # as Megatron-LM: no reduction in earlier micro-batches, then start it
+        no_sync = [chunk.no_sync for chunk in wrapped]
+        start = [chunk.start_grad_sync for chunk in wrapped]
+        config.no_sync_func = no_sync[0] if len(wrapped) == 1 else no_sync
+        config.grad_sync_func = start[0] if len(wrapped) == 1 else start
     return wrapped

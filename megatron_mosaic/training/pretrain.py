@@ -64,7 +64,8 @@ class Run:
         if self.load_path is not None:
             check_checkpoint_matches(args)
         sharded = getattr(args, "use_distributed_optimizer", False)
-        self.model = wrap_for_training(build_model(args), use_distributed_optimizer=sharded)
+        self.model = wrap_for_training(build_model(args), use_distributed_optimizer=sharded,
+                                       overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False))
         self.optimizer = (DistributedMegatronOptimizer(self.model, args) if sharded
                           else MosaicOptimizer(self.model, args))
         self.scheduler = build_scheduler(self.optimizer, args)

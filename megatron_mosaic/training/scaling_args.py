@@ -24,6 +24,10 @@ def add_scaling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron's DistributedOptimizer: Adam state sharded over data parallelism "
                         "(no checkpoints yet)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="start each gradient bucket's all-reduce / reduce-scatter during backward")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="refused: the parameter all-gather runs after the optimizer step here")
 
 
 def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], None]) -> None:
@@ -44,6 +48,8 @@ def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], No
     else:
         check(method is None and layers is None,
               "--recompute-method/--recompute-num-layers need --recompute-granularity full")
+    check(not args.overlap_param_gather, "--overlap-param-gather is not supported yet: the "
+          "distributed optimizer all-gathers parameters after its step (drop the flag)")
     check(not args.use_distributed_optimizer or not (args.save or args.load),
           "--use-distributed-optimizer does not save or load checkpoints yet: drop --save/--load "
           "or --use-distributed-optimizer")

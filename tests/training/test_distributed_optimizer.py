@@ -35,19 +35,29 @@ def _both(rank: int, world_size: int) -> dict:
 
     plain = _train([], world_size)
     parallel_state.destroy_model_parallel()
-    return {"plain": plain, "sharded": _train(["--use-distributed-optimizer"], world_size)}
+    sharded = _train(["--use-distributed-optimizer"], world_size)
+    parallel_state.destroy_model_parallel()
+    overlap = _train(["--use-distributed-optimizer", "--overlap-grad-reduce"], world_size)
+    return {"plain": plain, "sharded": sharded, "overlap": overlap}
 
 
 def test_distributed_optimizer_matches_unsharded_at_dp2():
+    """Also with --overlap-grad-reduce (2 micro-batches per rank: the first skips the reduction)."""
     for rank, runs in enumerate(run_distributed(_both, 2)):
-        plain, sharded = runs["plain"], runs["sharded"]
-        assert sharded["sharded"] == "DistributedMegatronOptimizer"
-        for step, (a, b) in enumerate(zip(sharded["losses"], plain["losses"]), start=1):
-            assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: sharded loss {a} != {b}"
-        assert len(sharded["losses"]) == 5
-        for name, want in plain["params"].items():
-            scale = max(float(want.abs().max()), 1e-6)
-            torch.testing.assert_close(sharded["params"][name], want, rtol=1e-5, atol=1e-5 * scale,
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
-        ratio = sharded["state_bytes"] / plain["state_bytes"]
-        assert 0.45 <= ratio <= 0.55, f"rank {rank}: sharded optimizer state is {ratio:.2f} of unsharded"
+        plain = runs["plain"]
+        for variant in ("sharded", "overlap"):
+            _check_same(rank, runs[variant], plain)
+
+
+def _check_same(rank: int, sharded: dict, plain: dict) -> None:
+    """Same losses and weights as the unsharded AdamW run, half its optimizer bytes."""
+    assert sharded["sharded"] == "DistributedMegatronOptimizer"
+    for step, (a, b) in enumerate(zip(sharded["losses"], plain["losses"]), start=1):
+        assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: sharded loss {a} != {b}"
+    assert len(sharded["losses"]) == 5
+    for name, want in plain["params"].items():
+        scale = max(float(want.abs().max()), 1e-6)
+        torch.testing.assert_close(sharded["params"][name], want, rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m: f"rank {rank} {name}: {m}")
+    ratio = sharded["state_bytes"] / plain["state_bytes"]
+    assert 0.45 <= ratio <= 0.55, f"rank {rank}: sharded optimizer state is {ratio:.2f} of unsharded"
