@@ -265,14 +265,106 @@ def first_non_finite(state: Any) -> Optional[str]:
     return None
 
 
-def save_failed_message(final: str, save_dir: str, err: BaseException,
-                        latest: Optional[int]) -> str:
+def checkpoint_size(path: str) -> int:
+    """Bytes of the files of a checkpoint directory (0 if it is gone)."""
+    total = 0
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        return 0
+    return total
+
+
+def save_failed_message(final: str, save_dir: str, reason: str, latest: Optional[int]) -> str:
     free = free_bytes(save_dir)
     free_text = "unknown free space" if free is None else f"{format_bytes(free)} free"
-    reason = " ".join(str(err).split()) or type(err).__name__
+    reason = " ".join(str(reason).split())
     if len(reason) > 600:
         reason = reason[:600] + " ..."
-    previous = ("no earlier checkpoint" if latest is None
+    previous = ("there is no earlier checkpoint" if latest is None
                 else f"the latest checkpoint is still iteration {latest}")
     return (f"saving {final} failed ({reason}); {save_dir} has {free_text}; the partial "
             f"directory was removed and {previous}")
+
+
+# ---- agreeing on a save that failed on some ranks ----------------------------------------------
+SAVE_FAILURE_GRACE_S = 30.0  # how long a failed rank waits for the others to fail too
+_COMMUNICATION_ERRORS = ("Connection closed by peer", "Connection reset", "Broken pipe",
+                         "ProcessGroup", "NCCL", "Gloo", "timed out")
+_save_attempts = [0]
+
+
+def _is_communication_error(text: str) -> bool:
+    return any(marker.lower() in text.lower() for marker in _COMMUNICATION_ERRORS)
+
+
+def agree_on_failed_save(what: str, err: BaseException) -> str:
+    """Called by each rank whose save raised; returns the reason every failed rank agrees on.
+
+    A save can fail on some ranks only (rank 0 writes the metadata, a full local disk), while
+    the others wait for it in megatron-core's next collective. The failed ranks post their
+    errors in the distributed store (not through the process group, whose collectives are no
+    longer in step); if after ``SAVE_FAILURE_GRACE_S`` some rank has not posted, it is waiting
+    in a collective: the process group is aborted, which makes that collective fail there
+    too, and the rank posts in turn. The reason is the first rank's error that is not a
+    consequence of the abort. After an abort the process group is gone on every rank (the
+    run is over anyway; ``dist.is_initialized()`` is False).
+    """
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    text = f"rank {rank}: {type(err).__name__}: {err}"
+    if world == 1:
+        return text
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    _save_attempts[0] += 1
+    store = dist.PrefixStore(f"megatron_mosaic/failed_save/{_save_attempts[0]}/{what}",
+                             _get_default_store())
+    store.set(str(rank), json.dumps({"error": text}))
+    keys = [str(r) for r in range(world)]
+    deadline = time.monotonic() + SAVE_FAILURE_GRACE_S
+    while not store.check(keys) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    aborted = not store.check(keys) or store.check(["aborted"])
+    if aborted:
+        store.set("aborted", "1")
+        _abort_process_group()
+        deadline = time.monotonic() + 60.0  # the others' collectives fail at once now
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    errors = []
+    try:
+        for key in keys:
+            if store.check([key]):
+                errors.append(json.loads(store.get(key))["error"])
+        if not aborted and store.check(["aborted"]):
+            _abort_process_group()  # another rank aborted: this rank's group is broken too
+    except Exception:  # noqa: BLE001 -- the store's host may be gone already: use what we have
+        pass
+    root = next((e for e in errors if not _is_communication_error(e)), None)
+    return root or (errors[0] if errors else text)
+
+
+def _abort_process_group() -> None:
+    """Tear the process groups down on this rank: peers waiting in a collective get an error."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    from megatron.core import parallel_state
+
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort is not None and dist.get_backend() == "nccl":
+            abort()
+        else:
+            dist.destroy_process_group()
+    finally:
+        parallel_state.destroy_model_parallel()

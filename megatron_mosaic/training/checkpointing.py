@@ -34,7 +34,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_mosaic.training.checkpoint_safety import (
     CheckpointSaveError,
     NonFiniteCheckpointError,
+    agree_on_failed_save,
+    checkpoint_size,
     first_non_finite,
+    format_bytes,
+    free_bytes,
     save_failed_message,
 )
 
@@ -179,35 +183,45 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.
 
 def _write_or_clean_up(state: dict[str, Any], staging: str, final: str, save_dir: str,
                        iteration: int) -> None:
-    """Write ``state`` into ``staging`` on every rank, or fail on every rank: a checkpoint with
-    non-finite weights or optimizer state is not written at all, and a write that fails on any
-    rank (full disk, I/O error) removes the partial directory and names the free space."""
-    bad = first_non_finite(state)
-    flags: list[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, bad)
+    """Write ``state`` into ``staging`` on every rank, or fail on every rank.
+
+    Refused before anything is written (every rank agrees, the process group stays usable): a
+    checkpoint whose weights or optimizer state hold NaN/Inf, or a disk with less free space
+    than the previous checkpoint took. A write that fails anyway (full disk, I/O error) removes
+    the partial directory and names the free space (``checkpoint_safety.agree_on_failed_save``).
+    """
+    rank = dist.get_rank()
+    latest = read_tracker(save_dir)
+    needed = checkpoint_size(checkpoint_dir(save_dir, latest)) if latest is not None else 0
+    local = (first_non_finite(state), free_bytes(save_dir))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
     failed: Optional[BaseException] = None
-    if any(flags):
-        rank, name = next((r, n) for r, n in enumerate(flags) if n)
+    bad = next(((r, name) for r, (name, _) in enumerate(gathered) if name), None)
+    short = next(((r, free) for r, (_, free) in enumerate(gathered)
+                  if free is not None and free < needed), None)
+    if bad is not None:
         failed = NonFiniteCheckpointError(
-            f"iteration {iteration}: {name} (rank {rank}) holds NaN or Inf; checkpoint {final} "
+            f"iteration {iteration}: {bad[1]} (rank {bad[0]}) holds NaN or Inf; checkpoint {final} "
             f"was not written and {os.path.join(save_dir, TRACKER_FILENAME)} still names iteration "
-            f"{read_tracker(save_dir)}")
+            f"{latest}")
+    elif short is not None:
+        failed = CheckpointSaveError(save_failed_message(
+            final, save_dir, f"not enough space: the previous checkpoint took {format_bytes(needed)}",
+            latest))
     else:
-        error: Optional[str] = None
         try:
             dist_checkpointing.save(state, staging, sharded_strategy=("torch_dist", 1))
         except Exception as err:  # noqa: BLE001 -- every rank must learn that the save failed
-            error = f"rank {dist.get_rank()}: {type(err).__name__}: {err}"
-        errors: list[Optional[str]] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        first = next((e for e in errors if e), None)
-        if first is not None:
-            failed = CheckpointSaveError(save_failed_message(final, save_dir, RuntimeError(first),
-                                                             read_tracker(save_dir)))
+            # megatron-core's save ends in a barrier: having returned on one rank means every
+            # rank got there. A rank that raised may have left the others waiting inside it.
+            reason = agree_on_failed_save(f"{final}", err)
+            failed = CheckpointSaveError(save_failed_message(final, save_dir, reason, latest))
     if failed is not None:
-        if dist.get_rank() == 0:
+        if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        dist.barrier()
+        if dist.is_initialized():  # not after an abort
+            dist.barrier()
         raise failed
 
 
