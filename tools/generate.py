@@ -4,7 +4,8 @@
 
 Decoding runs through the Hugging Face model with its cache (Memory Mosaics: the lagged memory
 cache, O(cache) work per token; the GPT baseline: Llama's KV cache). Greedy by default;
---temperature > 0 samples. Checkpoints trained without a tokenizer take --prompt-ids.
+--temperature > 0 samples. Checkpoints trained without a tokenizer (NullTokenizer: the ids are
+the text) take --prompt-ids.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from megatron_mosaic.hf.conversion import ConversionError  # noqa: E402
-from megatron_mosaic.hf.generation import generate_continuations, load_for_generation  # noqa: E402
+from megatron_mosaic.hf.generation import (  # noqa: E402
+    generate_continuations,
+    ids_only,
+    load_for_generation,
+    training_args,
+)
 from megatron_mosaic.hf.megatron_checkpoint import CheckpointError  # noqa: E402
 from tools._cli import cli_error  # noqa: E402
 
@@ -52,6 +58,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.temperature < 0 or args.top_k < 0 or args.max_new_tokens < 1:
         return cli_error("generate", "need --temperature >= 0, --top-k >= 0 and --max-new-tokens >= 1")
     try:
+        if args.prompt and args.tokenizer_model is None and ids_only(training_args(args.load)):
+            # Checked before the model is loaded: a NullTokenizer model has no text to encode.
+            return cli_error("generate", f"--prompt {args.prompt[0][:40]!r}: {args.load} was trained with "
+                                         "NullTokenizer (its text is token ids); give the prompt as --prompt-ids "
+                                         "'ID ID ...'")
         model, tokenizer = load_for_generation(args.load, tokenizer_model=args.tokenizer_model)
         results = generate_continuations(
             model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

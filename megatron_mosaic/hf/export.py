@@ -208,6 +208,23 @@ def generation_config_for(eod: int | None):
     return GenerationConfig(eos_token_id=eod, bos_token_id=None, do_sample=False, max_new_tokens=64)
 
 
+def null_tokenizer_vocab_size(args: Mapping[str, Any]) -> int | None:
+    """The real vocabulary of a checkpoint trained on token ids alone, else None.
+
+    NullTokenizer (``--tokenizer-type NullTokenizer --vocab-size N``, or ``--mock-data
+    --vocab-size N`` without a --tokenizer-type, which pairs them): ids 0..N-1 and EOD = N, so
+    N + 1 ids; those past it exist only through padding. There is no tokenizer to export: the
+    ids are the text.
+    """
+    n = args.get("vocab_size")
+    if n is None:
+        return None
+    kind = args.get("tokenizer_type")
+    if kind == "NullTokenizer" or (kind is None and args.get("mock_data") and args.get("eod_token_id") == n):
+        return int(n) + 1
+    return None
+
+
 def padded_token_ids(tokenizer_size: int, vocab_size: int) -> list[int] | None:
     """Ids past the tokenizer that exist only because the vocabulary was padded (for TP and
     alignment): a tokenizer cannot decode them, so generation must never emit them."""
@@ -219,10 +236,17 @@ def build_hf_tokenizer(args: Mapping[str, Any], tokenizer_model: str | None = No
 
     ``tokenizer_model`` overrides the path stored in the checkpoint (e.g. after moving files).
     SentencePiece -> MemoryMosaicTokenizer (exact ids, shipped as remote code); GPT-2 BPE ->
-    PreTrainedTokenizerFast over the same ``tokenizers`` pipeline; HF directory -> itself.
+    PreTrainedTokenizerFast over the same ``tokenizers`` pipeline; HF directory -> itself (its
+    eos_token set to the checkpoint's ``--eod-token`` when it was trained with one); NullTokenizer
+    -> None (the ids are the text).
     """
     kind = args.get("tokenizer_type")
     if not kind:
+        return None
+    if kind == "NullTokenizer":
+        if tokenizer_model:
+            raise ConversionError("the checkpoint was trained with NullTokenizer (the token ids are the text): "
+                                  "it has no tokenizer for --tokenizer-model to replace")
         return None
     model_path = tokenizer_model or args.get("tokenizer_model")
     if kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
@@ -251,7 +275,17 @@ def build_hf_tokenizer(args: Mapping[str, Any], tokenizer_model: str | None = No
         if not model_path or not os.path.isdir(model_path):
             raise FileNotFoundError(f"tokenizer directory {model_path!r} named by the checkpoint does not exist "
                                     "(pass --tokenizer-model DIR, or --no-tokenizer)")
-        return AutoTokenizer.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        eod_token = args.get("eod_token")
+        if eod_token is not None:
+            # Training's EOD was this entry (--eod-token), whatever the directory declares as EOS
+            # (a tokenizer.json alone declares none): the exported eos must be the same id as
+            # generation_config.eos_token_id.
+            if eod_token not in tokenizer.get_vocab():
+                raise ConversionError(f"--eod-token {eod_token!r} of the checkpoint is not in the vocabulary of "
+                                      f"tokenizer directory {model_path}")
+            tokenizer.eos_token = eod_token
+        return tokenizer
     raise ConversionError(f"checkpoint args.tokenizer_type {kind!r} has no Hugging Face equivalent")
 
 
@@ -296,6 +330,9 @@ def hf_model_from_checkpoint(load_dir: str, dtype: torch.dtype | None = None):
         config.auto_map = dict(AUTO_MAP)
     model = build_hf_model(config, _cast(state, dtype), model_cls, f"checkpoint {checkpoint.path}")
     model.generation_config = generation_config_for(args.get("eod_token_id"))
+    null_vocab = null_tokenizer_vocab_size(args)
+    if null_vocab is not None:  # no tokenizer to size the vocabulary: the checkpoint's N + 1
+        model.generation_config.suppress_tokens = padded_token_ids(null_vocab, model.config.vocab_size)
     return model, checkpoint
 
 

@@ -146,7 +146,7 @@ class GatedKeyExtractor(nn.Module):
 class ValueExtractor(nn.Module):
     """v_t = scale_h · Norm(c_h ṽ_t + (1-c_h) ṽ_{t+1}), ṽ = W_v x.
 
-    v1: scale = exp(10ν); v2: scale = exp(min(|θ|, 15)).
+    v1: scale = exp(10ν); v2: scale = exp(clamp(θ, -15, 15)).
     """
 
     def __init__(self, config: MemoryMosaicConfig):

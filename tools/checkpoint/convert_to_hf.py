@@ -6,7 +6,8 @@ Memory Mosaics v1/v2 become ``MemoryMosaicForCausalLM`` (remote code shipped in 
 ``AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True)``); the GPT baseline becomes
 a standard ``LlamaForCausalLM``. HF_DIR gets config.json (with auto_map), model.safetensors
 (sharded with an index above --max-shard-size), generation_config.json, the tokenizer when the
-checkpoint names one, and megatron_args.json (the run's arguments, used by convert_from_hf.py).
+checkpoint names one (none for NullTokenizer: the ids are the text), and megatron_args.json (the
+run's arguments, used by convert_from_hf.py).
 The directory is staged and renamed into place only when complete.
 """
 
