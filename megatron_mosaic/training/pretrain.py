@@ -29,6 +29,7 @@ from megatron_mosaic.training.checkpoint_safety import (
     resolve_load,
 )
 from megatron_mosaic.training.exit_control import ExitController
+from megatron_mosaic.training import process_guard
 from megatron_mosaic.training.faults import agree, report_error
 from megatron_mosaic.training.initialize import (
     destroy_distributed,
@@ -277,7 +278,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Train; a user error (data, paths, checkpoints, a full disk, divergence) is one ``ERROR:``
-    line on rank 0 and exit status 1. Any other exception is a bug: its traceback is kept."""
+    line on rank 0 and exit status 1. Any other exception is a bug: its traceback is kept.
+    However it ends, no helper process of this worker is left behind (process_guard)."""
+    process_guard.install()
     try:
         pretrain(args)
     except Exception as err:
@@ -289,5 +292,8 @@ def run_cli(args: argparse.Namespace) -> int:
             print("ERROR: interrupted", file=sys.stderr, flush=True)
         return 130
     finally:
-        destroy_distributed()
+        try:
+            destroy_distributed()
+        finally:
+            process_guard.reap_children()
     return 0
