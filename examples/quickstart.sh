@@ -5,6 +5,7 @@
 # `make quickstart` runs this after installing .venv. Knobs (environment variables):
 #   QUICKSTART_ITERS (300)  QUICKSTART_PARALLEL ("--pipeline-model-parallel-size 2")
 #   QUICKSTART_DATA (data/shakespeare)  QUICKSTART_RUNS (runs/quickstart)  PYTHON (.venv/bin/python)
+#   QUICKSTART_BF16 (0; 1 trains with --bf16: autocast, fp32 master weights, fp32 memory math)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,7 @@ DATA=${QUICKSTART_DATA:-data/shakespeare}
 RUNS=${QUICKSTART_RUNS:-runs/quickstart}
 ITERS=${QUICKSTART_ITERS:-300}
 PARALLEL=${QUICKSTART_PARALLEL:---pipeline-model-parallel-size 2}
+[ "${QUICKSTART_BF16:-0}" = 1 ] && PARALLEL="$PARALLEL --bf16"
 export PYTHONWARNINGS=ignore  # megatron-core warns once per rank about every absent GPU library
 START=$SECONDS
 
