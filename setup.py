@@ -32,6 +32,8 @@ setup(
     extras_require={
         "hf": ["transformers>=5.0", "safetensors"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "transformers>=5.0", "safetensors", "tokenizers"],
+        # --wandb-project (Weights & Biases logging; offline mode needs no network).
+        "wandb": ["wandb"],
+        "dev": ["pytest", "transformers>=5.0", "safetensors", "tokenizers", "wandb"],
     },
 )
