@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock.txt
 PIP_INSTALL := $(PIP) install --quiet --constraint $(LOCK)
 
-.PHONY: test install quickstart clean lock test-latest
+.PHONY: test install quickstart icl clean lock test-latest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 quickstart: $(STAMP)
 	bash examples/quickstart.sh
+
+# In-context learning side by side: v1, v2 and the GPT baseline on synthetic tasks + Shakespeare,
+# evaluated at 1x, 4x and 8x the training length; report in runs/icl/ (about 11 minutes).
+icl: $(STAMP)
+	bash examples/icl.sh
 
 # Move the lock deliberately: re-resolve setup.py's ranges, then run `make clean test`.
 lock:
