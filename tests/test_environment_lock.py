@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import sysconfig
 from importlib import metadata
 
 import pytest
@@ -64,7 +65,10 @@ def _in_make_venv() -> bool:
 def test_installed_environment_is_the_lock():
     pins = _locked()
     installed = {}
-    for dist in metadata.distributions():
+    # Only what pip installed into the venv: once something imports setuptools, its vendored
+    # packages (setuptools/_vendor) join sys.path and would be listed too.
+    site_dirs = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    for dist in metadata.distributions(path=site_dirs):
         name = canonicalize_name(dist.metadata["Name"])
         if name != PROJECT:
             installed[name] = Version(dist.version)

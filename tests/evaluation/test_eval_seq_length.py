@@ -16,7 +16,7 @@ EVAL_LENGTH = 3 * TRAIN_LENGTH
 
 def pretrain(argv: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                   f"--nproc_per_node={nproc}", "--master_port=29631"]
+                                                   f"--nproc_per_node={nproc}", "--standalone"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(launcher + [str(ROOT / "pretrain_mosaic.py"), *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
