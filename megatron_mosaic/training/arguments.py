@@ -104,6 +104,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                    help="default: nccl with CUDA, gloo without")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="longest wait for a peer in any collective or store operation: a rank "
+                        "whose peer died stops after this at the latest (Megatron-LM)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -308,6 +311,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.save_interval is not None:
         _check(args.save is not None, "--save-interval needs --save")
         _check(args.save_interval >= 1, "--save-interval must be >= 1")
+    _check(args.distributed_timeout_minutes > 0,
+           f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}")
     if args.exit_signal_handler or args.exit_duration_in_mins or args.exit_interval:
         pass  # exiting early without --save is allowed (nothing is saved, a warning is logged)
     _check(args.eval_iters >= 0, "--eval-iters must be >= 0")

@@ -69,10 +69,30 @@ def agree(fn: Callable[[], T], what: str = "start-up check") -> T:
     raise AgreedError(message, first_rank, user)
 
 
-def report_error(err: BaseException) -> bool:
+_PEER_TIMEOUT = ("timed out", "timeout", "time out")
+
+
+def is_peer_timeout(err: BaseException) -> bool:
+    """A collective or store operation gave up waiting for a peer (--distributed-timeout-minutes)."""
+    text = str(err).lower()
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(names & {"RuntimeError", "DistError"}) and any(t in text for t in _PEER_TIMEOUT) and (
+        "gloo" in text or "nccl" in text or "store" in text or "DistError" in names)
+
+
+def report_error(err: BaseException, timeout_minutes: Optional[float] = None) -> bool:
     """Print a user error as one ``ERROR:`` line on rank 0; True if ``err`` was one (the caller
-    exits with status 1), False for a bug (the caller re-raises it: traceback)."""
+    exits with status 1), False for a bug (the caller re-raises it: traceback).
+
+    A peer that did not answer within the distributed timeout is reported the same way, by
+    the rank that waited (rank 0 may be the one that stopped answering)."""
     rank, _ = _world()
+    if is_peer_timeout(err):
+        first = " ".join(str(err).split("\n")[0].split())[:300]
+        limit = f" {timeout_minutes:g}" if timeout_minutes is not None else ""
+        print_error(f"rank {rank}: a peer did not answer within --distributed-timeout-minutes{limit}; "
+                    f"giving up ({first})")
+        return True
     if isinstance(err, AgreedError):
         if err.user_error and rank == 0:
             print_error(str(err))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import random
 import socket
+import time
+import uuid
 from typing import Iterator
 
 import numpy as np
@@ -111,7 +114,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        init_process_group(backend, distributed_timeout(args))
     if dist.get_world_size() != args.world_size:
         raise RuntimeError(f"arguments were validated for world size {args.world_size} but the "
                            f"process group has {dist.get_world_size()} ranks")
@@ -121,6 +124,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             context_parallel_size=args.context_parallel_size,
+            distributed_timeout_minutes=getattr(args, "distributed_timeout_minutes", 10),
         )
     else:
         _check_existing_layout(args)
@@ -128,6 +132,80 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         print(f" {threads}", flush=True)
     set_random_seeds(args.seed)
+
+
+def distributed_timeout(args: argparse.Namespace) -> datetime.timedelta:
+    """--distributed-timeout-minutes: the longest any rank waits for a peer."""
+    return datetime.timedelta(minutes=float(getattr(args, "distributed_timeout_minutes", 10)))
+
+
+def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """``dist.init_process_group`` from torchrun's / the launcher's environment, restart-safe.
+
+    Under torchrun the workers' store is, by default, one that the agent hosts and keeps for the
+    whole job (``TORCHELASTIC_USE_AGENT_STORE``). After ``--max-restarts`` restarts the workers
+    the keys of the previous attempt are still in it: the new ranks read their dead peers'
+    addresses (Gloo ``connectFullMesh ... Connection refused``) or stale barrier counts (a
+    hang). ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` avoids that in the agent; here the worker
+    does the same by itself, so users need not know: rank 0 hosts a fresh store for this
+    attempt and announces it through the agent's store (``attempt_store``).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = attempt_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world,
+                              timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
+
+
+_ATTEMPT_KEY = "megatron_mosaic/attempt_store"
+_attempt_server = None  # rank 0's store server: lives as long as this process
+
+
+def attempt_store(agent_addr: str, agent_port: int, rank: int, world: int,
+                  timeout: datetime.timedelta) -> dist.Store:
+    """A TCPStore for this attempt only, hosted by rank 0 and found through the agent's store.
+
+    Rank 0 starts a server on a free port, writes a random nonce into it, then publishes
+    ``nonce host:port`` in the agent's store. The other ranks read that record; one left by an
+    earlier attempt names a server that died with its rank 0 (or a port now used by something
+    else), so a rank accepts a record only once it has connected to the server it names and
+    found the same nonce there, and retries otherwise, until ``timeout``.
+    """
+    global _attempt_server
+    agent = dist.TCPStore(agent_addr, agent_port, world, is_master=False, timeout=timeout)
+    if rank == 0:
+        nonce = uuid.uuid4().hex
+        _attempt_server = dist.TCPStore(agent_addr, 0, world, is_master=True, timeout=timeout,
+                                        wait_for_workers=False)
+        _attempt_server.set("nonce", nonce)
+        agent.set(_ATTEMPT_KEY, f"{nonce} {agent_addr} {_attempt_server.port}")
+        return _attempt_server
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        nonce, host, port = agent.get(_ATTEMPT_KEY).decode().split()  # waits for a first record
+        if _accepts_connections(host, int(port)):  # (quietly: a TCPStore client would log)
+            try:
+                client = dist.TCPStore(host, int(port), world, is_master=False,
+                                       timeout=datetime.timedelta(seconds=10))
+                if client.get("nonce").decode() == nonce:
+                    client.set_timeout(timeout)
+                    return client
+            except (RuntimeError, ValueError, OSError):
+                pass  # the port belongs to something else now
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no store of this attempt announced by rank 0 within {timeout} "
+                               f"(through the torchrun agent's store at {agent_addr}:{agent_port})")
+        time.sleep(0.2)
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
 
 
 def _check_existing_layout(args: argparse.Namespace) -> None:

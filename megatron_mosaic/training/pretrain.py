@@ -284,7 +284,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         pretrain(args)
     except Exception as err:
-        if not report_error(err):
+        if not report_error(err, getattr(args, "distributed_timeout_minutes", None)):
             raise
         return 1
     except KeyboardInterrupt:
