@@ -139,6 +139,9 @@ def _add_checkpoint_and_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (megatron-core's asynchronous "
+                        "dist-checkpointing): training goes on while the previous one is written")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-optim", action="store_true",
@@ -311,6 +314,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.save_interval is not None:
         _check(args.save is not None, "--save-interval needs --save")
         _check(args.save_interval >= 1, "--save-interval must be >= 1")
+    _check(args.async_save is False or args.save is not None, "--async-save needs --save")
     _check(args.distributed_timeout_minutes > 0,
            f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}")
     if args.exit_signal_handler or args.exit_duration_in_mins or args.exit_interval:

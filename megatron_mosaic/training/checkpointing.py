@@ -19,6 +19,7 @@ as the one ``load_checkpoint`` finds.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -143,8 +144,14 @@ def _write_tracker(root: str, iteration: int) -> None:
 
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer: Any = None, scheduler: Any = None, *, args: dict[str, Any],
-                    consumed_samples: int = 0, save_rng: bool = True) -> str:
-    """Save a checkpoint collectively (every rank calls this); returns its directory."""
+                    consumed_samples: int = 0, save_rng: bool = True,
+                    async_writer: Any = None) -> str:
+    """Save a checkpoint collectively (every rank calls this); returns its directory.
+
+    With ``async_writer`` (an ``async_checkpoint.AsyncCheckpointWriter``) the tensors are
+    written in the background: the directory is renamed and becomes the latest only when the
+    writer finalizes the save on every rank; until then the previous checkpoint is the latest.
+    """
     final = checkpoint_dir(save_dir, iteration)
     if read_tracker(save_dir) == iteration and os.path.isdir(final):
         logger.info("checkpoint %s already exists and is the latest: not saving again", final)
@@ -169,26 +176,36 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.
     state.update(args={**args, "consumed_train_samples": consumed_samples, "has_rng_state": save_rng},
                  iteration=iteration, consumed_samples=consumed_samples,
                  checkpoint_version=CHECKPOINT_VERSION)
-    _write_or_clean_up(state, staging, final, save_dir, iteration)
+    request = _write_or_clean_up(state, staging, final, save_dir, iteration,
+                                 background=async_writer is not None)
+    if request is not None:
+        request.add_finalize_fn(functools.partial(_publish, save_dir, staging, final, iteration))
+        async_writer.schedule(request, final, save_dir, staging, read_tracker(save_dir))
+        return final
+    _publish(save_dir, staging, final, iteration)
+    return final
 
+
+def _publish(save_dir: str, staging: str, final: str, iteration: int) -> None:
+    """Once every rank's shards are on disk: rename the directory, then move the tracker."""
     dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
+    if dist.get_rank() == 0:
         if os.path.isdir(final):  # a stale, never-tracked directory from an earlier run
             shutil.rmtree(final)
         os.replace(staging, final)
         _write_tracker(save_dir, iteration)  # last: the checkpoint is now the latest
     dist.barrier()
-    return final
 
 
 def _write_or_clean_up(state: dict[str, Any], staging: str, final: str, save_dir: str,
-                       iteration: int) -> None:
+                       iteration: int, background: bool = False) -> Any:
     """Write ``state`` into ``staging`` on every rank, or fail on every rank.
 
     Refused before anything is written (every rank agrees, the process group stays usable): a
     checkpoint whose weights or optimizer state hold NaN/Inf, or a disk with less free space
     than the previous checkpoint took. A write that fails anyway (full disk, I/O error) removes
     the partial directory and names the free space (``checkpoint_safety.agree_on_failed_save``).
+    With ``background`` only the planning is done here: returns megatron-core's AsyncRequest.
     """
     rank = dist.get_rank()
     latest = read_tracker(save_dir)
@@ -211,7 +228,8 @@ def _write_or_clean_up(state: dict[str, Any], staging: str, final: str, save_dir
             latest))
     else:
         try:
-            dist_checkpointing.save(state, staging, sharded_strategy=("torch_dist", 1))
+            return dist_checkpointing.save(state, staging, sharded_strategy=("torch_dist", 1),
+                                           async_sharded_save=background)
         except Exception as err:  # noqa: BLE001 -- every rank must learn that the save failed
             # megatron-core's save ends in a barrier: having returned on one rank means every
             # rank got there. A rank that raised may have left the others waiting inside it.

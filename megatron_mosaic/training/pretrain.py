@@ -30,6 +30,7 @@ from megatron_mosaic.training.checkpoint_safety import (
 )
 from megatron_mosaic.training.exit_control import ExitController
 from megatron_mosaic.training import process_guard
+from megatron_mosaic.training.async_checkpoint import AsyncCheckpointWriter
 from megatron_mosaic.training.faults import agree, report_error
 from megatron_mosaic.training.initialize import (
     destroy_distributed,
@@ -86,6 +87,7 @@ class Run:
             tensorboard_dir=args.tensorboard_dir, progress_bar=args.progress_bar,
             flops_per_sample=flops, world_size=dist.get_world_size(), seq_length=args.seq_length)
         self.losses: list[float] = []
+        self.async_writer = AsyncCheckpointWriter() if getattr(args, "async_save", False) else None
         self.saved_iteration: Optional[int] = None
         self.last_validation: Optional[tuple[int, float]] = None
 
@@ -126,6 +128,7 @@ class Run:
     def save(self) -> None:
         if not self.args.save or self.saved_iteration == self.state.iteration:
             return
+        self.finish_saves(blocking=True)  # --async-save: one save in the background at a time
         no_optim = self.args.no_save_optim  # Megatron-LM: neither optimizer nor scheduler
         with self.obs.timed("save-checkpoint"):
             path = save_checkpoint(self.args.save, self.state.iteration, self.model,
@@ -133,9 +136,20 @@ class Run:
                                    None if no_optim else self.scheduler,
                                    args=args_to_dict(self.args),
                                    consumed_samples=self.state.consumed_samples,
-                                   save_rng=not self.args.no_save_rng)
+                                   save_rng=not self.args.no_save_rng,
+                                   async_writer=self.async_writer)
         self.saved_iteration = self.state.iteration
-        self.reporter.print(f" saved checkpoint {path}")
+        if self.async_writer is None:
+            self.reporter.print(f" saved checkpoint {path}")
+        else:
+            self.reporter.print(f" saving checkpoint {path} in the background")
+
+    def finish_saves(self, blocking: bool = False) -> None:
+        """--async-save: complete the background saves every rank has written (all of them
+        with ``blocking``); each becomes the latest checkpoint now (a collective call)."""
+        if self.async_writer is not None:
+            for path in self.async_writer.finalize(blocking=blocking):
+                self.reporter.print(f" saved checkpoint {path}")
 
     def _log_extras(self, iteration: int, iterations: int) -> None:
         """At a log line: timers (collective), memory scalars, wandb."""
@@ -175,6 +189,7 @@ class Run:
                 self.losses.append(result.loss)
                 it = self.state.iteration
                 self.obs.step_end(it)
+                self.finish_saves()
                 logged = self.reporter.iteration_done(it, result.loss, result.lr, result.grad_norm,
                                                       self.state.consumed_samples,
                                                       step_seconds=time.perf_counter() - start,
@@ -194,10 +209,15 @@ class Run:
                         self.save()
                     else:
                         self.reporter.print(" WARNING: no --save given, nothing was saved")
+                    self.finish_saves(blocking=True)
                     return reason
+        except TrainingDivergedError:
+            self.finish_saves(blocking=True)  # the checkpoint being written is of finite weights
+            raise
         finally:
             exit_control.release()
         self.save()
+        self.finish_saves(blocking=True)
         return None
 
     def _per_position_data(self) -> tuple[argparse.Namespace, list[Iterator[dict]]]:

@@ -74,9 +74,10 @@ def test_success_leaves_nothing(tmp_path):
     assert job.left == [], job.left
 
 
-@pytest.mark.parametrize("victim", ["rank 0 after a save", "rank 0 inside a save", "rank 1 inside a save"])
+@pytest.mark.parametrize("victim", ["rank 0 after a save", "rank 0 inside a save", "rank 1 inside a save",
+                                    "rank 0 inside an async save", "rank 1 after an async save"])
 def test_worker_killed(tmp_path, victim):
-    proc, tag, save, log = _start(tmp_path)
+    proc, tag, save, log = _start(tmp_path, *(["--async-save"] if "async" in victim else []))
     try:
         _wait_for(_saved(save), proc, log)
         if "inside" in victim:
