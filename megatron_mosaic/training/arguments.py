@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from typing import Any, Optional, Sequence
 
 # Stdlib-only modules: arguments still parse before torch/megatron are imported.
@@ -414,12 +415,21 @@ def _check_fp8_and_te(args: argparse.Namespace) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> argparse.Namespace:
     """Parse and validate. Bad values exit with status 2 and a message naming the arguments."""
     parser = build_parser()
+    if not is_first_rank():  # every rank parses; only the first one speaks for all of them
+        parser.print_usage = parser.print_help = lambda file=None: None
+        parser._print_message = lambda message, file=None: None
     args = parser.parse_args(argv)
     try:
         return validate_args(args, world_size)
     except ArgumentError as err:  # one line naming the arguments (the usage text is 60 lines)
         parser.exit(2, f"{parser.prog}: error: {err}\n")
         raise  # unreachable: parser.exit exits
+
+
+def is_first_rank() -> bool:
+    """Rank 0 of a launch (torchrun, SLURM, or a plain single process), before any process group
+    exists: the environment's global rank."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:

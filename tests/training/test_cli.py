@@ -102,3 +102,19 @@ def test_divergence_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_p
     bad = int(match.group(1))
     assert read_tracker(save) == bad - 1
     assert not os.path.exists(os.path.join(save, f"iter_{bad:07d}"))
+
+
+def test_invalid_arguments_print_one_line_once(tmp_path):
+    bad = TINY + ["--model", "gpt", "--num-attention-heads", "3"]
+    message = "pretrain_mosaic.py: error: --hidden-size"
+    plain = _run([sys.executable, SCRIPT, *bad], timeout=120)
+    assert plain.returncode == 2, plain.stdout + plain.stderr
+    assert plain.stdout == "" and plain.stderr.count("\n") == 1 and plain.stderr.startswith(message)
+    # Two ranks parse the same arguments; only rank 0 prints. torchrun then adds its own
+    # summary of the failed workers, which no worker can silence.
+    run = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                SCRIPT, *bad], timeout=120)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and out.count(message) == 1, out
+    assert "exitcode  : 2" in out
+    assert out.count("Traceback (most recent call last)") <= 1, out  # torchrun's, never a worker's
