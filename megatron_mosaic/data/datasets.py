@@ -75,7 +75,11 @@ def check_dataset(prefix: str, tokenizer, flag: str) -> None:
     every document) or one holding ids beyond the tokenizer's vocabulary; warn without EODs."""
     from megatron_mosaic.data.validate import validate_dataset
 
-    summary = validate_dataset(prefix, tokenizer.vocab_size, tokenizer.eod, flag)
+    # Every rank checks the index and the file sizes; the pass over the tokens is made once
+    # per node (torchrun's local rank 0): training agrees on the outcome across ranks.
+    scan = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    summary = validate_dataset(prefix, tokenizer.vocab_size if scan else None,
+                               tokenizer.eod if scan else None, flag)
     if summary.num_documents == 0:
         raise DataError(f"{flag}: dataset {prefix} holds no documents")
     if summary.documents_ending_with_eod == 0:
@@ -146,15 +150,24 @@ def build_train_valid_test_datasets(
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
-    for flag, b in [("--data-path", blend)] + [
-        (f"--{name}-data-path", b) for name, b in zip(("train", "valid", "test"), blend_per_split or [])
-    ]:
-        for prefix in (b[0] if b else []):
-            check_dataset(prefix, tokenizer, flag)
-    split = (getattr(args, "split", None) or "949,50,1") if blend is not None else None
-    if blend is not None:
-        check_split(blend[0], split, train_valid_test_num_samples)
+    def check() -> tuple:
+        blend, blend_per_split = get_blend_and_blend_per_split(args)
+        for flag, b in [("--data-path", blend)] + [
+            (f"--{name}-data-path", b) for name, b in zip(("train", "valid", "test"), blend_per_split or [])
+        ]:
+            for prefix in (b[0] if b else []):
+                check_dataset(prefix, tokenizer, flag)
+        split = (getattr(args, "split", None) or "949,50,1") if blend is not None else None
+        if blend is not None:
+            check_split(blend[0], split, train_valid_test_num_samples)
+        return blend, blend_per_split, split
+
+    # In a process group every rank checks (the token pass once per node) and all agree on
+    # the outcome before megatron-core's builder, whose barriers would otherwise hold the
+    # ranks that found nothing wrong until the distributed timeout.
+    from megatron_mosaic.training.faults import agree
+
+    blend, blend_per_split, split = agree(check, "checking the data")
     cache = getattr(args, "data_cache_path", None)
     if cache is not None:
         os.makedirs(cache, exist_ok=True)

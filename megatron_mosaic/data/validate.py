@@ -44,7 +44,7 @@ class DatasetSummary:
     num_documents: int
     num_sequences: int
     num_tokens: int
-    max_token_id: int  # -1 for an empty dataset
+    max_token_id: int  # -1 for an empty dataset, or when the tokens were not scanned
     documents_ending_with_eod: Optional[int]  # None when no EOD id was given
 
 
@@ -83,13 +83,33 @@ def validate_dataset(prefix: str, vocab_size: Optional[int] = None, eod_id: Opti
     Raises ``DataError`` starting with ``flag`` and naming the file.
     """
     try:
-        return _validate(prefix, vocab_size, eod_id, flag)
+        key = _identity(prefix, vocab_size, eod_id)
+        if key is not None and key in _checked:
+            return _checked[key]
+        summary = _validate(prefix, vocab_size, eod_id, flag)
+        if key is not None:
+            _checked[key] = summary
+        return summary
     except DataError as err:
         if str(err).startswith(flag + ":"):
             raise
         raise DataError(f"{flag}: {err}") from None
     except OSError as err:  # unreadable file, I/O error while mapping
         raise DataError(f"{flag}: dataset {prefix}: {err}") from None
+
+
+# Datasets already checked in this process, by file identity: a second build of the same data
+# (another split, the --eval-seq-length pass) does not read it again.
+_checked: dict[tuple, DatasetSummary] = {}
+
+
+def _identity(prefix: str, vocab_size: Optional[int], eod_id: Optional[int]) -> Optional[tuple]:
+    try:
+        stats = [os.stat(prefix + suffix) for suffix in (".idx", ".bin")]
+    except OSError:
+        return None
+    return (os.path.realpath(prefix), vocab_size, eod_id,
+            *[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in stats])
 
 
 def _validate(prefix: str, vocab_size: Optional[int], eod_id: Optional[int],
@@ -130,10 +150,11 @@ def _validate(prefix: str, vocab_size: Optional[int], eod_id: Optional[int],
                         f"{expected} ({sequences} sequences of {dtype.name}); the pair does not "
                         f"belong together or a copy was cut short; {_REBUILD}")
 
-    # Token ids: one chunked pass over the mapped .bin.
+    # Token ids: one chunked pass over the mapped .bin (skipped without a vocabulary to check).
     tokens = expected // dtype.itemsize
     max_id = -1
-    if tokens:
+    ending_with_eod = None
+    if tokens and (vocab_size is not None or eod_id is not None):
         data = np.memmap(bin_path, mode="r", dtype=dtype, shape=(tokens,))
         for start in range(0, tokens, _CHUNK_TOKENS):
             chunk = data[start:start + _CHUNK_TOKENS]
@@ -146,12 +167,11 @@ def _validate(prefix: str, vocab_size: Optional[int], eod_id: Optional[int],
                     f"{flag}: {bin_path} holds token id {int(data[position])}, beyond the "
                     f"tokenizer's vocab size {vocab_size} (token {position}, document {document}): "
                     f"was it preprocessed with another tokenizer?")
-            if int(chunk.min()) < 0:
+            if dtype.kind == "i" and int(chunk.min()) < 0:
                 position = start + int(np.argmax(chunk < 0))
                 raise DataError(f"{bin_path}: negative token id {int(data[position])} at token "
                                 f"{position}")
             max_id = max(max_id, chunk_max)
-        ending_with_eod = None
         if eod_id is not None:
             # The last token of every non-empty document.
             last_sequence = doc_indices[1:] - 1
@@ -159,8 +179,8 @@ def _validate(prefix: str, vocab_size: Optional[int], eod_id: Optional[int],
             doc_ends = doc_ends[doc_ends >= 0]
             ending_with_eod = int(np.count_nonzero(data[doc_ends] == eod_id))
         del data
-    else:
-        ending_with_eod = 0 if eod_id is not None else None
+    elif eod_id is not None:
+        ending_with_eod = 0
     return DatasetSummary(prefix=prefix, num_documents=len(doc_indices) - 1,
                           num_sequences=sequences, num_tokens=tokens, max_token_id=max_id,
                           documents_ending_with_eod=ending_with_eod)

@@ -47,7 +47,9 @@ def agree(fn: Callable[[], T], what: str = "start-up check") -> T:
         result = fn()
     except Exception as err:  # noqa: BLE001 -- every failure must reach the other ranks
         original = err
-        if is_user_error(err):
+        if isinstance(err, AgreedError):  # a nested agreement: every rank has it already
+            outcome = (err.user_error, str(err))
+        elif is_user_error(err):
             outcome = (True, describe(err))
         else:
             outcome = (False, f"{what} failed on rank {rank}: {type(err).__name__}: {err}")
@@ -60,7 +62,7 @@ def agree(fn: Callable[[], T], what: str = "start-up check") -> T:
     failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
     if not failed:
         return result
-    if original is not None and not is_user_error(original):
+    if original is not None and not is_user_error(original) and not isinstance(original, AgreedError):
         # This rank's bug: keep its own traceback (printed by the caller's handler).
         raise original
     first_rank, (user, message) = failed[0]
