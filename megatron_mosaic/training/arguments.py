@@ -418,12 +418,26 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: int = 1) -> arg
     if not is_first_rank():  # every rank parses; only the first one speaks for all of them
         parser.print_usage = parser.print_help = lambda file=None: None
         parser._print_message = lambda message, file=None: None
+        parser.exit = _exit_after_first_rank
     args = parser.parse_args(argv)
     try:
         return validate_args(args, world_size)
     except ArgumentError as err:  # one line naming the arguments (the usage text is 60 lines)
         parser.exit(2, f"{parser.prog}: error: {err}\n")
         raise  # unreachable: parser.exit exits
+
+
+def _exit_after_first_rank(status: int = 0, message: Optional[str] = None) -> None:
+    """A silent rank's exit: torchrun stops the other workers as soon as one exits non-zero, so
+    leaving at once could kill rank 0 before it prints the message for everyone."""
+    import time
+
+    time.sleep(FIRST_RANK_GRACE_S)
+    raise SystemExit(status)
+
+
+# Parsing needs no torch: rank 0 prints well within this after its own start.
+FIRST_RANK_GRACE_S = 5.0
 
 
 def is_first_rank() -> bool:

@@ -236,8 +236,10 @@ def _write_or_clean_up(state: dict[str, Any], staging: str, final: str, save_dir
             reason = agree_on_failed_save(f"{final}", err)
             failed = CheckpointSaveError(save_failed_message(final, save_dir, reason, latest))
     if failed is not None:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+        # Every rank removes the partial directory (idempotent on a shared file system): after
+        # an abort there is no barrier left to wait for rank 0's removal, and a rank must not
+        # report "removed" while its view still holds the directory.
+        shutil.rmtree(staging, ignore_errors=True)
         if dist.is_initialized():  # not after an abort
             dist.barrier()
         raise failed
