@@ -68,3 +68,32 @@ def read(path: str) -> str:
 def tracebacks(text: str) -> int:
     """Python tracebacks of the workers (torchrun's own failure summary aside)."""
     return len(re.findall(r"Traceback \(most recent call last\)", text))
+
+
+def run_distributed_bounded(fn, world_size: int, *args, timeout: float = 300):
+    """``tests.distributed.run_distributed`` that gives up after ``timeout`` s: a hang (ranks
+    waiting for each other forever, the failure these tests look for) fails the test and its
+    rank processes are killed."""
+    import signal as _signal
+
+    from megatron_mosaic.training.process_guard import children
+    from tests.distributed import run_distributed
+
+    before = set(children())
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout} s")
+
+    previous = _signal.signal(_signal.SIGALRM, expire)
+    _signal.setitimer(_signal.ITIMER_REAL, timeout)
+    try:
+        return run_distributed(fn, world_size, *args)
+    finally:
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _signal.signal(_signal.SIGALRM, previous)
+        for pid in set(children()) - before:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from megatron_mosaic.training.checkpointing import read_tracker
-from tests.distributed import run_distributed
-from tests.faults.common import MOCK, PY, SCRIPT, run_job, torchrun
+from tests.faults.common import MOCK, PY, SCRIPT, run_distributed_bounded, run_job, torchrun
 
 
 @contextlib.contextmanager
@@ -136,7 +135,7 @@ def _non_finite(rank: int, world_size: int, root: str) -> dict:
 
 
 def test_non_finite_state_is_never_saved(tmp_path):
-    for rank, r in enumerate(run_distributed(_non_finite, 2, str(tmp_path))):
+    for rank, r in enumerate(run_distributed_bounded(_non_finite, 2, str(tmp_path))):
         for case, it in (("weight", 3), ("optimizer", 4)):
             assert r[case] is not None, f"rank {rank}: a {case} with NaN/Inf was saved"
             assert f"iteration {it}:" in r[case] and "holds NaN or Inf" in r[case], r[case]
@@ -182,7 +181,7 @@ def _failed_on_rank0(rank: int, world_size: int, root: str) -> dict:
 
 
 def test_save_failing_on_one_rank_stops_every_rank(tmp_path):
-    results = run_distributed(_failed_on_rank0, 2, str(tmp_path))
+    results = run_distributed_bounded(_failed_on_rank0, 2, str(tmp_path))
     for rank, r in enumerate(results):
         assert r["error"] is not None, f"rank {rank} did not learn that the save failed"
         assert "rank 0: OSError: [Errno 28] No space left on device" in r["error"], r["error"]
