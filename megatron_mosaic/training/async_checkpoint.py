@@ -20,8 +20,6 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch.distributed as dist
-
 from megatron_mosaic.training import process_guard
 from megatron_mosaic.training.checkpoint_safety import (
     CheckpointSaveError,
@@ -64,14 +62,14 @@ class AsyncCheckpointWriter:
         any rank raises CheckpointSaveError on every rank, its partial directory removed."""
         if not self._pending:
             return []
-        rank = _rank()
         try:
             done = self._queue.maybe_finalize_async_calls(blocking=blocking)
         except Exception as err:  # noqa: BLE001 -- every rank must learn that the save failed
             failed = self._pending.pop(0)
             reason = agree_on_failed_save(failed.final, err)
-            if rank == 0:
-                shutil.rmtree(failed.staging, ignore_errors=True)
+            # Every rank removes it (idempotent on a shared file system): after an abort no
+            # barrier is left to wait for one rank's removal before reporting it removed.
+            shutil.rmtree(failed.staging, ignore_errors=True)
             self._pending.clear()
             raise CheckpointSaveError(save_failed_message(failed.final, failed.save_dir, reason,
                                                           failed.latest_before)) from None
@@ -82,7 +80,3 @@ class AsyncCheckpointWriter:
     def close(self) -> list[str]:
         """Wait for every background save and complete it."""
         return self.finalize(blocking=True)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
