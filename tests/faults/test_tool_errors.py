@@ -79,3 +79,25 @@ def test_pretrain_user_error_once_under_torchrun(places, tmp_path):
         f"ERROR: --save {places['under_file']}: cannot create the directory (Not a directory)"], job.output[-3000:]
     assert f'File "{REPO}/megatron_mosaic' not in job.output
     assert job.left == []
+
+
+def test_bugs_keep_their_traceback():
+    """Only user errors become one line: anything else is re-raised with its traceback."""
+    from megatron_mosaic.errors import is_user_error
+    from megatron_mosaic.training.faults import report_error
+    from tools._cli import run_tool
+
+    def bug() -> int:
+        raise KeyError("an internal bug")
+
+    with pytest.raises(KeyError):
+        run_tool(bug, "tool")
+    assert not report_error(AttributeError("x")) and not report_error(ValueError("x"))
+    assert not is_user_error(RuntimeError("x"))
+    assert is_user_error(FileNotFoundError(2, "No such file or directory", "/x"))
+    assert is_user_error(OSError(28, "No space left on device"))
+
+    def user() -> int:
+        raise FileNotFoundError(2, "No such file or directory", "/missing")
+
+    assert run_tool(user, "tool") == 1
