@@ -95,3 +95,14 @@ def start(cmd: Sequence[str], tag: str, log_path: str, extra_env: Optional[dict]
                                 start_new_session=True, cwd=cwd)
     finally:
         log.close()
+
+
+def reap(proc: subprocess.Popen, tag: str) -> Optional[list[tuple[int, str]]]:
+    """End a started job's whole tree. Returns the tagged processes that outlived a job that had
+    exited (None when the job was still running and had to be killed: nothing to judge)."""
+    left = wait_for_no_processes(tag, timeout=15) if proc.poll() is not None else None
+    kill_tagged(tag)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    return left

@@ -87,10 +87,7 @@ def test_async_save_resume_and_kill_during_the_background_write(tmp_path):
     except subprocess.TimeoutExpired:
         raise AssertionError(f"async run did not finish:\n{read(log)[-3000:]}") from None
     finally:
-        left = procs.wait_for_no_processes(tag, timeout=15) if proc.poll() is not None else None
-        procs.kill_tagged(tag)
-        if proc.poll() is None:
-            proc.kill()
+        left = procs.reap(proc, tag)
     text = read(log)
     assert proc.returncode == 0, text[-4000:]
     assert left == [], left

@@ -114,10 +114,7 @@ def test_kill9_restarts_resume_bit_identically(tmp_path):
     except subprocess.TimeoutExpired:
         raise AssertionError(f"elastic run did not finish {note}:\n{read(log)[-3000:]}") from None
     finally:
-        left = procs.wait_for_no_processes(tag, timeout=15) if proc.poll() is not None else None
-        procs.kill_tagged(tag)
-        if proc.poll() is None:
-            proc.kill()
+        left = procs.reap(proc, tag)
     text = read(log)
     assert proc.returncode == 0, f"kills {kills} {note}:\n{text[-4000:]}"
     assert _starts(log) == 4, f"kills {kills} {note}"
@@ -155,8 +152,7 @@ def test_timeout_bounds_the_wait_for_a_stopped_peer(tmp_path):
         proc.wait(timeout=15 + 60 + 120)  # the timeout, torchrun's grace period, slack
         waited = time.monotonic() - stopped
     finally:
-        left = procs.wait_for_no_processes(tag, timeout=15) if proc.poll() is not None else None
-        procs.kill_tagged(tag)
+        left = procs.reap(proc, tag)
     text = read(log)
     assert proc.returncode != 0
     assert waited >= 10, f"gave up after {waited:.0f} s, before the timeout"
