@@ -110,7 +110,14 @@ class MosaicModel(LanguageModule):
             weight.shared = True
             weight.shared_embedding = True
         if torch.distributed.is_initialized() and self._is_in_embd_group():
-            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+            # NCCL reduces CUDA tensors only: under --use-cpu-initialization the weight is still
+            # on the CPU here (build_model moves the chunk afterwards), so reduce a CUDA copy.
+            data = weight.data
+            if data.device.type == "cpu" and torch.distributed.get_backend(self.embd_group) == "nccl":
+                data = data.cuda()
+            torch.distributed.all_reduce(data, group=self.embd_group)
+            if data is not weight.data:
+                weight.data.copy_(data)
 
     def memory_context(self, input_ids: Optional[Tensor], layout: Optional[SequenceLayout],
                        long_term_delay: Optional[int], hidden_shape: Optional[torch.Size] = None) -> MemoryContext:
