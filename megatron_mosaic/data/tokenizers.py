@@ -102,6 +102,10 @@ class Tokenizer(ABC):
 
     def __init__(self, spec: TokenizerSpec) -> None:
         self.spec = spec
+        # Each backend sets these three once its files are read.
+        self._vocab_size = 0
+        self._eod = -1
+        self._pad = NO_PAD_ID
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -112,19 +116,19 @@ class Tokenizer(ABC):
         """Text of ``ids`` (for sampling and round-trip checks)."""
 
     @property
-    @abstractmethod
     def vocab_size(self) -> int:
         """Number of token ids (the model's embedding rows before padding)."""
+        return self._vocab_size
 
     @property
-    @abstractmethod
     def eod(self) -> int:
         """End-of-document id, appended by ``--append-eod``; separates packed documents."""
+        return self._eod
 
     @property
     def pad(self) -> int:
         """Padding id for megatron-core datasets; ``NO_PAD_ID`` (-1) when there is none."""
-        return NO_PAD_ID
+        return self._pad
 
     @property
     def files(self) -> dict[str, str]:
@@ -174,7 +178,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"--tokenizer-model {path}: not a SentencePiece model ({err})") from err
         sp = self._tok._tokenizer.tokenizer  # the sentencepiece.SentencePieceProcessor
         self._eod = int(sp.eos_id())
-        self._pad = int(sp.pad_id())
+        self._pad = int(sp.pad_id()) if sp.pad_id() >= 0 else NO_PAD_ID
         self._vocab_size = int(sp.get_piece_size())
         if self._eod < 0:
             raise TokenizerError(
@@ -187,18 +191,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.detokenize([int(i) for i in ids])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        return self._pad if self._pad >= 0 else NO_PAD_ID
 
 
 class GPT2BPETokenizer(Tokenizer):
@@ -234,14 +226,6 @@ class GPT2BPETokenizer(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -289,18 +273,6 @@ class HuggingFaceTokenizer(Tokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.ids_to_text([int(i) for i in ids])
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        return self._pad
-
 
 class NullTokenizer(Tokenizer):
     """Megatron-LM's NullTokenizer: the text is whitespace-separated ids in [0, N); EOD is N.
@@ -318,6 +290,7 @@ class NullTokenizer(Tokenizer):
         if int(spec.vocab_size) < 1:
             raise TokenizerError(f"--vocab-size {spec.vocab_size}: NullTokenizer needs at least 1")
         self._n = int(spec.vocab_size)
+        self._vocab_size, self._eod = self._n + 1, self._n
 
     def tokenize(self, text: str) -> list[int]:
         ids = []
@@ -336,14 +309,6 @@ class NullTokenizer(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._n + 1
-
-    @property
-    def eod(self) -> int:
-        return self._n
 
 
 def build_tokenizer(args) -> Tokenizer:
