@@ -34,6 +34,10 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         # --wandb-project (Weights & Biases logging; offline mode needs no network).
         "wandb": ["wandb"],
-        "dev": ["pytest", "transformers>=5.0", "safetensors", "tokenizers", "wandb"],
+        # lm-evaluation-harness over an exported model (`lm_eval --model hf`, whose module imports
+        # accelerate; lm_eval[hf] would also pull peft, which only adapters need).
+        "eval": ["lm_eval>=0.4.13,<0.5", "accelerate"],
+        "dev": ["pytest", "transformers>=5.0", "safetensors", "tokenizers", "wandb", "lm_eval>=0.4.13,<0.5",
+                "accelerate"],
     },
 )
