@@ -8,6 +8,10 @@ Tasks: recall, fewshot, multidoc (needs --text), lm (needs --text). The ``ids`` 
 writes whitespace-separated integer ids for ``--tokenizer-type NullTokenizer --vocab-size N``;
 ``--format text`` writes words for any other tokenizer. Every line holds ``text`` (what
 tools/preprocess_data.py reads) and ``segments`` with the answer spans tools/evaluate.py scores.
+
+``--lm-eval`` writes lm-evaluation-harness rows instead (context, answer, choices: the data of
+megatron_mosaic/evaluation/lm_eval_tasks/), and ``--ids-tokenizer DIR`` writes NullTokenizer
+as a transformers tokenizer for ``lm_eval --model_args pretrained=EXPORT,tokenizer=DIR``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from megatron_mosaic.data.corpus import DataError  # noqa: E402
 from megatron_mosaic.evaluation import TASKS, SymbolVocab, TextSource, VocabError, generate_documents  # noqa: E402
 from megatron_mosaic.evaluation.documents import write_documents  # noqa: E402
+from megatron_mosaic.evaluation.lm_eval_data import lm_eval_rows, write_ids_tokenizer  # noqa: E402
 from tools._cli import cli_error  # noqa: E402
 
 PROG = "make_eval_data"
@@ -42,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key and value symbols per set (default: text 64; ids a quarter of the non-reserved "
                         "ids, at most 256); evaluation must be given the same number")
     p.add_argument("--text", nargs="+", default=None, help="real-text corpus for multidoc and lm (jsonl/txt)")
+    p.add_argument("--lm-eval", action="store_true",
+                   help="write lm-evaluation-harness rows (each document's last answer) instead of documents")
+    p.add_argument("--ids-tokenizer", default=None, metavar="DIR",
+                   help="ids format: also write NullTokenizer (--vocab-size) as a transformers tokenizer to DIR")
     return p
 
 
@@ -66,10 +75,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 yield doc
                 progress(i, args.num_docs, start)
 
-        count = write_documents(args.output, counted())
+        if args.ids_tokenizer and args.format != "ids":
+            raise VocabError("--ids-tokenizer is NullTokenizer's: it needs the ids format")
+        if args.lm_eval and args.task not in ("recall", "fewshot"):
+            raise VocabError(f"--lm-eval: task {args.task} has no answers to choose among (use recall or fewshot)")
+        count = write_documents(args.output, lm_eval_rows(counted()) if args.lm_eval else counted())
+        if args.ids_tokenizer:
+            print(f"wrote NullTokenizer ({args.vocab_size} ids + EOD) to {write_ids_tokenizer(args.vocab_size, args.ids_tokenizer)}")
     except (VocabError, DataError, OSError) as err:
         return cli_error(PROG, err)
-    print(f"wrote {count} {args.task} documents of {args.length} units to {args.output} "
+    print(f"wrote {count} {args.task} {'lm-eval rows' if args.lm_eval else 'documents'} of {args.length} units to {args.output} "
           f"(format {args.format}, {vocab.num_symbols} symbols per set)")
     return 0
 
