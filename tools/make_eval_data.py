@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.ids_tokenizer and args.format != "ids":
             raise VocabError("--ids-tokenizer is NullTokenizer's: it needs the ids format")
         if args.lm_eval and args.task not in ("recall", "fewshot"):
-            raise VocabError(f"--lm-eval: task {args.task} has no answers to choose among (use recall or fewshot)")
+            raise VocabError(f"--lm-eval writes rows for recall and fewshot (the tasks of lm_eval_tasks/), not {args.task}")
         count = write_documents(args.output, lm_eval_rows(counted()) if args.lm_eval else counted())
         if args.ids_tokenizer:
             print(f"wrote NullTokenizer ({args.vocab_size} ids + EOD) to {write_ids_tokenizer(args.vocab_size, args.ids_tokenizer)}")

@@ -124,3 +124,30 @@ def test_lm_eval_api_on_exported_v1_and_gpt(tiny_checkpoints, workdir):
     out = json.load(open(workdir / "api_results.json"))
     for model, export in exports.items():
         check_against_our_scorer(export, out[model]["results"], out[model]["samples"])
+
+
+def test_row_is_the_last_answer_with_the_documents_answers_as_choices():
+    from megatron_mosaic.evaluation.lm_eval_data import lm_eval_row
+
+    doc = Document("recall")
+    doc.add("8 40 9 41 10 40 9".split())
+    doc.add(["41"], {"query": 0, "distance": 6})
+    doc.add(["8"])
+    doc.add(["40"], {"query": 1, "distance": 10})
+    doc.add(["1", "1"])  # filler after the last query is not part of any row
+    row = lm_eval_row(doc).to_json()
+    assert row == {"context": "8 40 9 41 10 40 9 41 8", "answer": "40", "choices": ["40", "41"], "label": 0,
+                   "task": "recall", "fields": {"query": 1, "distance": 10}}
+    assert lm_eval_row(Document("recall", [])) is None
+
+
+def test_ids_tokenizer_is_null_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_mosaic.evaluation.lm_eval_data import write_ids_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(write_ids_tokenizer(VOCAB, str(tmp_path / "tok")))
+    assert tok("12 7  99", add_special_tokens=False)["input_ids"] == [12, 7, 99]
+    assert tok.eos_token_id == VOCAB and tok.pad_token_id == VOCAB and len(tok) == VOCAB + 1
+    assert tok("hello 3", add_special_tokens=False)["input_ids"] == [0, 3]  # the ids layout's unknown marker
+    assert tok.decode([12, 7, 99]) == "12 7 99"

@@ -25,6 +25,8 @@ def run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["lm", "--output", "x.jsonl", "--vocab-size", "100"], "task lm needs real text"),
     (["recall", "--output", "x.jsonl", "--vocab-size", "100", "--num-symbols", "3"], "--num-symbols must be in [4, 23]"),
     (["lm", "--output", "x.jsonl", "--vocab-size", "100", "--text", "missing.jsonl"], "--text missing.jsonl: no such file"),
+    (["lm", "--lm-eval", "--output", "x.jsonl", "--vocab-size", "100"], "--lm-eval writes rows for recall and fewshot"),
+    (["recall", "--format", "text", "--output", "x.jsonl", "--ids-tokenizer", "tok"], "--ids-tokenizer is NullTokenizer's"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, argv, message):
     result = run(TOOL, *argv, cwd=tmp_path)
