@@ -97,3 +97,18 @@ def run_distributed_bounded(fn, world_size: int, *args, timeout: float = 300):
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+
+
+def straight_then_restartable(tmp_path, args: Sequence[str], name: str, timeout: float, *extra: str):
+    """The uninterrupted reference run (saved in ``straight``), then the same run started under
+    ``torchrun --max-restarts 3`` saving to and resuming from ``name``, left running for the
+    test to disturb. Returns (reference job, reference dir, save dir, log, tag, process)."""
+    straight = str(tmp_path / "straight")
+    job = run_job(torchrun(2) + [SCRIPT, *args, "--save", straight], str(tmp_path / "straight.log"),
+                  timeout=timeout)
+    assert job.returncode == 0, job.output[-3000:]
+    save, log = str(tmp_path / name), str(tmp_path / f"{name}.log")
+    tag = procs.new_tag()
+    proc = procs.start(torchrun(2, "--max-restarts", "3") + [SCRIPT, *args, *extra, "--save", save,
+                                                             "--load", save], tag, log)
+    return job, straight, save, log, tag, proc

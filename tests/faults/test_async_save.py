@@ -14,7 +14,7 @@ import time
 import torch
 
 from tests.faults import procs
-from tests.faults.common import MOCK, SCRIPT, read, run_job, torchrun
+from tests.faults.common import MOCK, read, straight_then_restartable
 from tests.faults.test_elastic import checkpoint_tensors, losses
 
 ITERS = 16
@@ -47,15 +47,8 @@ def _equal(a: dict, b: dict) -> list[str]:
 
 
 def test_async_save_resume_and_kill_during_the_background_write(tmp_path):
-    straight = str(tmp_path / "straight")
-    job = run_job(torchrun(2) + [SCRIPT, *ARGS, "--save", straight], str(tmp_path / "straight.log"),
-                  timeout=JOB_TIMEOUT)
-    assert job.returncode == 0, job.output[-3000:]
-
-    save, log = str(tmp_path / "async"), str(tmp_path / "async.log")
-    tag = procs.new_tag()
-    proc = procs.start(torchrun(2, "--max-restarts", "3") + [SCRIPT, *ARGS, "--async-save", "--save", save,
-                                                             "--load", save], tag, log)
+    job, straight, save, log, tag, proc = straight_then_restartable(tmp_path, ARGS, "async", JOB_TIMEOUT,
+                                                                    "--async-save")
     deadline = time.monotonic() + JOB_TIMEOUT
     in_window = None  # (iteration being written when killed, the latest then, log offset)
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from tests.faults import procs
-from tests.faults.common import MOCK, SCRIPT, read, run_job, torchrun
+from tests.faults.common import MOCK, SCRIPT, read, straight_then_restartable, torchrun
 
 ITERS = 24
 ARGS = [*MOCK, "--train-iters", str(ITERS), "--save-interval", "4"]
@@ -68,15 +68,7 @@ def test_kill9_restarts_resume_bit_identically(tmp_path):
     rng = random.Random(seed)
     note = f"(FAULT_TEST_SEED={seed})"
 
-    straight = str(tmp_path / "straight")
-    job = run_job(torchrun(2) + [SCRIPT, *ARGS, "--save", straight], str(tmp_path / "straight.log"),
-                  timeout=JOB_TIMEOUT)
-    assert job.returncode == 0, job.output[-3000:]
-
-    save, log = str(tmp_path / "elastic"), str(tmp_path / "elastic.log")
-    tag = procs.new_tag()
-    proc = procs.start(torchrun(2, "--max-restarts", "3") + [SCRIPT, *ARGS, "--save", save, "--load", save],
-                       tag, log)
+    job, straight, save, log, tag, proc = straight_then_restartable(tmp_path, ARGS, "elastic", JOB_TIMEOUT)
     deadline = time.monotonic() + JOB_TIMEOUT
     kills = []
 
