@@ -7,8 +7,10 @@ Layout::
 
 Common state: ``args`` (every run argument), ``iteration``, ``consumed_samples``, ``opt_param_scheduler``
 and the optimizer's hyper-parameters. Sharded state: ``model`` (``model.sharded_state_dict()``,
-or ``model0``, ``model1``... for virtual pipeline chunks), ``optimizer`` (Adam moments sharded
-like their parameters) and ``rng_state`` (python, numpy, torch and CUDA states of every rank).
+or ``model0``, ``model1``... for virtual pipeline chunks), ``optimizer`` (Megatron's optimizer:
+Adam moments, and with the distributed optimizer master weights, shaped like their parameters;
+``optimizer_format`` names the optimizer, which a load requires to match) and ``rng_state``
+(python, numpy, torch and CUDA states of every rank).
 Tensors are stored by global key and offset, so a checkpoint loads under another DP, TP or PP
 layout (RNG states are restored only when TP, PP and DP x CP match).
 
@@ -169,6 +171,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.
         state["rng_state"] = _rng_sharded_object()
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(_model_part(state))
+        state["optimizer_format"] = optimizer.format  # a load checks it (_check_optimizer_format)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     # args stays a dict (not Megatron-LM's Namespace): our readers (HF export, --load checks)
@@ -277,6 +280,7 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
         _warn_once(f"{path} holds no optimizer state: the optimizer starts fresh")
         optimizer = None
     if optimizer is not None:
+        _check_optimizer_format(path, common, optimizer.format)
         request["optimizer"] = optimizer.sharded_state_dict(_model_part(request),
                                                             is_loading=True)
     dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
@@ -306,6 +310,22 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
         _set_local_rng_state(loaded["rng_state"][rank])
     return {"iteration": int(common["iteration"]),
             "consumed_samples": int(common.get("consumed_samples", 0)), "args": dict(saved_args)}
+
+
+# Checkpoints written before megatron-core's optimizer (a torch AdamW) name no format.
+_OPTIMIZER_NAMES = {"mosaic-adamw": "the torch AdamW of earlier versions",
+                    "megatron": "Megatron's optimizer without --use-distributed-optimizer"}
+
+
+def _check_optimizer_format(path: str, common: dict[str, Any], wanted: str) -> None:
+    """Optimizer state loads only into the optimizer (and sharding format) that saved it."""
+    saved = common.get("optimizer_format", "mosaic-adamw")
+    if saved != wanted:
+        name = lambda f: _OPTIMIZER_NAMES.get(f, f"Megatron's optimizer with "
+                                                 f"--use-distributed-optimizer ({f})")
+        raise CheckpointMismatchError(
+            f"--load {path}: its optimizer state was saved by {name(saved)} and this run uses "
+            f"{name(wanted)}; pass --no-load-optim to load the weights with a fresh optimizer")
 
 
 def _scheduler_state(common: dict[str, Any]) -> Optional[dict[str, Any]]:

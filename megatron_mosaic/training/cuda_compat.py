@@ -32,6 +32,9 @@ CUDA this module makes these work on the CPU so the same training loop (Megatron
    _build_model_and_main_param_groups`` and ``clip_grad_by_total_norm_fp32``: the two functions
    are recompiled from their own source with the CPU type names (no other change), and
    ``optimizer.py``'s imported name of the latter is rebound.
+8. ``send_tensor.cuda()`` in ``DistributedOptimizer.get_parameter_state_dp_zero`` (the gather
+   of the optimizer state on DP rank 0 behind ``fully_reshardable`` checkpoints): recompiled
+   the same way with ``.to(torch.cuda.current_device())``, i.e. the CPU under patch 1.
 
 Nothing is patched when CUDA is available: GPU runs use megatron-core untouched. Every patch is
 shown to still be needed by ``tests/training/test_cuda_compat.py`` (the unpatched call fails on
@@ -82,7 +85,7 @@ class _CpuDeviceTorch(types.ModuleType):
 
 
 PATCHES = ("current_device", "synchronize", "schedules", "linear_autocast", "checkpoint_rng",
-           "optimizer_devices", "optimizer_type_checks")
+           "optimizer_devices", "optimizer_type_checks", "optimizer_gather_device")
 
 
 def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
@@ -91,13 +94,16 @@ def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
 
 _CPU_TYPE_NAMES = {"'torch.cuda.FloatTensor'": "'torch.FloatTensor'",
                    "'torch.cuda.HalfTensor'": "'torch.HalfTensor'",
-                   "'torch.cuda.BFloat16Tensor'": "'torch.BFloat16Tensor'"}
+                   "'torch.cuda.BFloat16Tensor'": "'torch.BFloat16Tensor'",
+                   # only in get_parameter_state_dp_zero (patch 8)
+                   "send_tensor.cuda()": "send_tensor.to(torch.cuda.current_device())"}
 _recompiled: dict[str, Any] = {}
 
 
 def _with_cpu_type_names(function: Any) -> Any:
     """``function`` recompiled from its source with the CUDA tensor-type names of its
-    ``param.type()`` checks replaced by the CPU ones (built once, in its own module's globals)."""
+    ``param.type()`` checks replaced by the CPU ones, or its ``.cuda()`` moves by moves to the
+    current device (built once, in its own module's globals)."""
     key = f"{function.__module__}.{function.__qualname__}"
     if key not in _recompiled:
         source = textwrap.dedent(inspect.getsource(function))
@@ -142,6 +148,7 @@ def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
     if not _recompiled:  # from the unpatched functions, before the first apply()
         _with_cpu_type_names(distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups)
         _with_cpu_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+        _with_cpu_type_names(distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero)
     build_groups = _recompiled["megatron.core.optimizer.distrib_optimizer."
                                "DistributedOptimizer._build_model_and_main_param_groups"]
     cpu_clip = _recompiled["megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32"]
@@ -160,6 +167,11 @@ def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
              build_groups),  # a classmethod: its decorator is part of the recompiled source
             (clip_grads, "clip_grad_by_total_norm_fp32", cpu_clip),
             (optimizer_module, "clip_grad_by_total_norm_fp32", cpu_clip),
+        ],
+        "optimizer_gather_device": [
+            (distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero",
+             _recompiled["megatron.core.optimizer.distrib_optimizer."
+                         "DistributedOptimizer.get_parameter_state_dp_zero"]),
         ],
     }
 

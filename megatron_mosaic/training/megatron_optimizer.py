@@ -1,42 +1,80 @@
-"""Megatron-Core's own optimizer for ``--use-distributed-optimizer``: master weights and Adam
-moments sharded over the data-parallel (x context-parallel) group, gradients reduce-scattered
-into each rank's shard, parameters all-gathered after the step.
+"""Megatron-Core's own optimizer for every run (``get_megatron_optimizer``).
 
-``get_megatron_optimizer`` builds it (with Megatron's weight-decay groups: biases and 1-D
-parameters, i.e. norms and per-head scalars, undecayed, as ``optimizer.is_no_decay``); on the CPU
-it runs through ``cuda_compat``'s optimizer patches. This wrapper gives it the interface the
-training loop and the scheduler use (``zero_grad``, ``step`` returning the pre-clip gradient
-norm, ``param_groups``) and keeps the loop's contract that a non-finite gradient norm leaves
-the weights untouched.
+Without ``--use-distributed-optimizer`` it is Megatron's ``FP32Optimizer`` (fp32 weights) or
+``Float16OptimizerWithFloat16Params`` (``--bf16``: fp32 main copies of the bf16 weights); with
+it, ``DistributedOptimizer``: master weights and Adam moments sharded over the data-parallel
+(x context-parallel) group, gradients reduce-scattered into each rank's shard, parameters
+all-gathered after the step. Without TE/Apex megatron-core steps torch's AdamW/SGD (on CUDA
+torch picks its multi-tensor ``foreach`` kernels by default); ``megatron_patches`` fixes that
+fallback's checkpoint bugs and ``cuda_compat`` bridges its CUDA assumptions on the CPU.
+
+This wrapper gives the training loop and the scheduler their interface (``zero_grad``,
+``step`` returning the pre-clip gradient norm, ``param_groups``) and keeps the loop's contract
+that a non-finite gradient norm leaves the weights untouched.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from typing import Any, Iterator
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+from megatron_mosaic.training import megatron_patches
+from megatron_mosaic.training.optimizer import is_no_decay
+
+# Distributed-optimizer checkpoints: each parameter's master weight and moments stored shaped
+# like the parameter (gathered on DP rank 0 at save), so they load at any DP, TP or PP layout.
+DISTRIBUTED_SHARDING = "fully_reshardable"
 
 
-class DistributedMegatronOptimizer:
-    """Megatron's DistributedOptimizer over Megatron DDP chunks built with
-    ``use_distributed_optimizer=True`` (``model_builder.wrap_for_training``)."""
+def checkpoint_format(use_distributed_optimizer: bool) -> str:
+    """The name stored with a checkpoint's optimizer state (a load needs the same one)."""
+    return (f"megatron-distributed-{DISTRIBUTED_SHARDING}" if use_distributed_optimizer
+            else "megatron")
+
+
+def _no_decay_overrides() -> dict:
+    """Our no-decay rule (norms, biases, per-head scalars: ``optimizer.is_no_decay``) as
+    Megatron's param-group override; it replaces Megatron's default (1-D or ``.bias``)."""
+    key = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="mosaic_no_decay", fn=lambda param, name: is_no_decay(name, param)))
+    return {key: ParamGroupOverride(wd_mult=0.0)}
+
+
+class MegatronOptimizer:
+    """Megatron's optimizer over Megatron DDP chunks (``model_builder.wrap_for_training``)."""
 
     def __init__(self, model_chunks: list[torch.nn.Module], args: argparse.Namespace):
+        megatron_patches.apply()
         self.model_chunks = model_chunks
+        self.sharded = bool(getattr(args, "use_distributed_optimizer", False))
+        bf16 = bool(getattr(args, "bf16", False)) and getattr(args, "bf16_params", False)
         config = OptimizerConfig(
             optimizer=getattr(args, "optimizer", "adam"), lr=args.lr, min_lr=args.min_lr,
             weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
             adam_eps=args.adam_eps, sgd_momentum=getattr(args, "sgd_momentum", 0.9),
-            clip_grad=args.clip_grad, use_distributed_optimizer=True,
-            params_dtype=torch.float32, bf16=False, fp16=False,
+            clip_grad=args.clip_grad, use_distributed_optimizer=self.sharded,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16, fp16=False,
         )
-        self.optimizer = get_megatron_optimizer(config, model_chunks)
+        self.optimizer = get_megatron_optimizer(config, model_chunks,
+                                                config_overrides=_no_decay_overrides())
+        self.format = checkpoint_format(self.sharded)
 
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The model's trained parameters (their ``main_grad`` is what the step reads)."""
+        for chunk in self.model_chunks:
+            for param in chunk.parameters():
+                if param.requires_grad:
+                    yield param
 
     def zero_grad(self) -> None:
         for chunk in self.model_chunks:
@@ -45,27 +83,43 @@ class DistributedMegatronOptimizer:
 
     @torch.no_grad()
     def step(self) -> float:
-        """Clip and step; returns the pre-clip gradient norm. A non-finite norm returns before
-        Megatron's step (which would apply it): the grads are prepared and measured first, and
-        Megatron's step repeats that cheap part."""
-        self.optimizer.prepare_grads()
+        """Clip and step as Megatron's ``step`` does; returns the pre-clip gradient norm. A
+        non-finite norm returns before the update, leaving weights and state untouched."""
+        from megatron.core.optimizer import optimizer as optimizer_module  # CPU-patched name
+
+        if self.optimizer.prepare_grads():  # an fp16 loss-scale overflow (not used here)
+            return float("nan")
         norm = float(self.optimizer.get_grad_norm())
         if not math.isfinite(norm):
             return norm
-        success, norm, _ = self.optimizer.step()
-        return float(norm) if success else float("nan")
+        for optimizer in self._optimizers():  # as ChainedOptimizer.step: one norm for all
+            config, params = optimizer.config, optimizer.get_parameters()
+            if config.clip_grad > 0.0 and params:
+                optimizer_module.clip_grad_by_total_norm_fp32(
+                    params, config.clip_grad, norm,
+                    config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.optimizer.step_with_ready_grads()
+        return norm
+
+    def _optimizers(self) -> list:
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds (Adam moments of its shard)."""
+        """Bytes of optimizer state this rank holds (its Adam moments / momentum buffers)."""
         total = 0
-        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for optimizer in self._optimizers():
             for state in optimizer.optimizer.state.values():
                 total += sum(t.numel() * t.element_size() for t in state.values()
                              if torch.is_tensor(t) and t.dim() > 0)
         return total
 
-    def sharded_state_dict(self, *args, **kwargs):
-        raise NotImplementedError(
-            "checkpoints with --use-distributed-optimizer are not supported yet (megatron-core "
-            "0.16.1's torch-Adam fallback shares one 'step' across parameters and fails to "
-            "reload it); train without --save/--load or without --use-distributed-optimizer")
+    # ---- checkpointing -------------------------------------------------------------------
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> Any:
+        if self.sharded:
+            return self.optimizer.sharded_state_dict(
+                model_sharded_state_dict, is_loading,
+                metadata={"distrib_optim_sharding_type": DISTRIBUTED_SHARDING})
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading)
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        self.optimizer.load_state_dict(state_dict)

@@ -53,6 +53,13 @@ def counts_toward_norm(param: torch.nn.Parameter) -> bool:
 class MosaicOptimizer:
     """``torch.optim.AdamW`` + clipping, with Megatron-style sharded (re-shardable) state dicts."""
 
+    format = "mosaic-adamw"
+    sharded = False
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                   for t in s.values() if t.dim() > 0)
+
     def __init__(self, model_chunks: list[torch.nn.Module], args: argparse.Namespace):
         self.model_chunks = model_chunks
         self.clip_grad = args.clip_grad

@@ -23,7 +23,7 @@ def add_scaling_args(p: argparse.ArgumentParser) -> None:
                    help="with TP > 1: shard norms, residuals and dropout along the sequence")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron's DistributedOptimizer: Adam state sharded over data parallelism "
-                        "(no checkpoints yet)")
+                        "(checkpoints: fully reshardable, load at any DP/TP/PP)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="start each gradient bucket's all-reduce / reduce-scatter during backward")
     g.add_argument("--overlap-param-gather", action="store_true",
@@ -50,9 +50,6 @@ def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], No
               "--recompute-method/--recompute-num-layers need --recompute-granularity full")
     check(not args.overlap_param_gather, "--overlap-param-gather is not supported yet: the "
           "distributed optimizer all-gathers parameters after its step (drop the flag)")
-    check(not args.use_distributed_optimizer or not (args.save or args.load),
-          "--use-distributed-optimizer does not save or load checkpoints yet: drop --save/--load "
-          "or --use-distributed-optimizer")
     check(not args.use_distributed_optimizer or not args.bf16,
           "--use-distributed-optimizer with --bf16 is not supported yet (--bf16 is autocast here)")
     check(not args.sequence_parallel or args.tensor_model_parallel_size > 1,

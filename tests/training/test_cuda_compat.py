@@ -104,6 +104,27 @@ def _megatron_optimizer_step(use_distributed_optimizer: bool) -> None:
     assert success and norm > 0 and not torch.equal(layer.weight, before)
 
 
+def _optimizer_state_gather() -> None:
+    """The gather behind fully_reshardable distributed-optimizer checkpoints."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                               use_cpu_initialization=True)
+    layer = ColumnParallelLinear(8, 8, config=config, init_method=torch.nn.init.normal_, bias=False)
+    model = DistributedDataParallel(config=config, module=layer, ddp_config=DistributedDataParallelConfig(
+        use_distributed_optimizer=True))
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.1, use_distributed_optimizer=True),
+                                       [model])
+    model(torch.ones(2, 8))[0].sum().backward()
+    model.finish_grad_sync()
+    optimizer.step()  # creates the Adam state
+    state = optimizer.chained_optimizers[0].get_parameter_state_dp_zero(use_gloo_comm=False)
+    assert state[0][(torch.float32, torch.float32)]["param"].numel() == 64
+
+
 def _outcome(fn, *args) -> str:
     try:
         fn(*args)
@@ -129,6 +150,7 @@ def _check_patches(rank: int, world_size: int, tmp: str) -> dict:
         "checkpoint_rng": (_activation_checkpoint,),
         "optimizer_devices": (_megatron_optimizer_step, False),
         "optimizer_type_checks": (_megatron_optimizer_step, True),
+        "optimizer_gather_device": (_optimizer_state_gather,),
     }
     for name in ("unpatched", "patched"):
         os.makedirs(os.path.join(tmp, name))
@@ -159,6 +181,6 @@ def test_patches_are_inactive_with_cuda_or_until_applied():
 
     assert set(cuda_compat.PATCHES) == {"current_device", "synchronize", "schedules",
                                         "linear_autocast", "checkpoint_rng", "optimizer_devices",
-                                        "optimizer_type_checks"}
+                                        "optimizer_type_checks", "optimizer_gather_device"}
     with pytest.raises(ValueError, match="unknown cuda_compat patch"):
         cuda_compat.revert("no_such_patch")
