@@ -1,15 +1,16 @@
 """Key and value extractors (spec sections 2-3), heads split across tensor-parallel ranks.
 
-Each projection is a ColumnParallelLinear with gather_output=False: rank r computes the
-channels of its heads only, and every per-head parameter holds the same heads.
-All inputs are [s, b, d]; per-head outputs are (b, H_local, s, hs).
+The extractors hold the per-head parameters and the math after the projections; the
+projections themselves (W_k / W_φ, W_g, W_λ, W_v) are one fused column-parallel GEMM owned by
+the memory (model/fused_projection.py), whose pieces for this rank's heads they receive.
+Projected inputs are [s, b, H_local·w]; per-head outputs are (b, H_local, s, hs).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -74,21 +75,17 @@ class LeakyKeyExtractor(MosaicModule):
     2 for the persistent memory (its stored keys carry no scale).
     """
 
-    def __init__(self, config: MosaicConfig, linears: MemoryLinears, init_method: Callable, scale_pow: int, tp_group=None):
+    def __init__(self, config: MosaicConfig, scale_pow: int, tp_group=None):
         super().__init__(config, tp_group)
-        d, heads = config.hidden_size, config.num_attention_heads
+        heads = config.num_attention_heads
         self.scale_pow = scale_pow
         self.num_local_heads = heads // self.tp_size
-        self.linear_key = column_linear(linears, config, d, d, init_method, config.add_bias_linear, self.tp_group)
         self.leak = self.per_head_parameter(torch.linspace(0.5, 5.0, heads) / 10.0)
         self.key_scale = self.per_head_parameter(torch.full((heads,), 0.1))
 
-    def project(self, x: Tensor) -> tuple[Tensor, ...]:
-        """x [s, b, d] -> (W_k x [s, b, H_local·hs],): the projection, kept under selective recompute."""
-        return (self.linear_key(x)[0],)
-
     def features(self, projected: Tensor, context: MemoryContext, dtype: torch.dtype) -> Tensor:
-        """The leaky scan and key features: scaled unit keys (b, H_local, s, hs) in ``dtype``."""
+        """W_k x [s, b, H_local·hs] -> scaled unit keys (b, H_local, s, hs) in ``dtype`` (the
+        leaky scan and key features)."""
         raw = split_heads(projected, self.num_local_heads).float()
         decay = (10.0 * self.leak.float()).abs().view(1, -1, 1, 1)
         scaled, log_scale, _ = linear_recurrence(raw, log_decay=-decay, resets=context.resets,
@@ -96,40 +93,25 @@ class LeakyKeyExtractor(MosaicModule):
         keys = leaky_keys(scaled, log_scale, self.key_scale, self.scale_pow, self.config.v1_key_scale_max)
         return keys.to(dtype)
 
-    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
-        """x [s, b, d] -> scaled unit keys (b, H_local, s, hs) in x's dtype."""
-        return self.features(*self.project(x), context, x.dtype)
-
 
 class GatedKeyExtractor(MosaicModule):
     """v2 key: k̄_t = g_t W_φ x_t + λ_t k̄_{t-1}, g_t = exp(W_g x_t), λ_t = exp(-|W_λ x_t|);
     k_t = Norm(k̄_t), a unit vector (the bandwidth is applied to the query copy later)."""
 
-    def __init__(self, config: MosaicConfig, linears: MemoryLinears, init_method: Callable, tp_group=None):
+    def __init__(self, config: MosaicConfig, tp_group=None):
         super().__init__(config, tp_group)
-        d, heads = config.hidden_size, config.num_attention_heads
-        self.num_local_heads = heads // self.tp_size
-        self.linear_key = column_linear(linears, config, d, d, init_method, False, self.tp_group)
-        self.linear_gate = column_linear(linears, config, d, heads, init_method, False, self.tp_group)
-        self.linear_decay = column_linear(linears, config, d, heads, init_method, False, self.tp_group)
-
-    def project(self, x: Tensor) -> tuple[Tensor, ...]:
-        """x [s, b, d] -> (W_φ x, W_g x, W_λ x): the projections, kept under selective recompute."""
-        return self.linear_key(x)[0], self.linear_gate(x)[0], self.linear_decay(x)[0]
+        self.num_local_heads = config.num_attention_heads // self.tp_size
 
     def features(self, key: Tensor, gate: Tensor, decay: Tensor, context: MemoryContext,
                  dtype: torch.dtype) -> Tensor:
-        """The gated scan and norm: unit keys (b, H_local, s, hs) in ``dtype``."""
+        """(W_φ x, W_g x, W_λ x) -> unit keys (b, H_local, s, hs) in ``dtype`` (the gated scan
+        and norm)."""
         raw = split_heads(key, self.num_local_heads).float()
         log_gain = gate.float().permute(1, 2, 0).unsqueeze(-1)  # (b, H_local, s, 1)
         log_decay = -decay.float().abs().permute(1, 2, 0).unsqueeze(-1)
         scaled, _, _ = linear_recurrence(raw, log_decay=log_decay, log_gain=log_gain, resets=context.resets,
                                          group=context.cp_group)
         return gated_unit_keys(scaled).to(dtype)
-
-    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
-        """x [s, b, d] -> unit keys (b, H_local, s, hs) in x's dtype."""
-        return self.features(*self.project(x), context, x.dtype)
 
 
 class ValueExtractor(MosaicModule):
@@ -140,26 +122,17 @@ class ValueExtractor(MosaicModule):
     and trains (see memory.features.value_scale for why old checkpoints are unaffected).
     """
 
-    def __init__(self, config: MosaicConfig, linears: MemoryLinears, init_method: Callable, tp_group=None):
+    def __init__(self, config: MosaicConfig, tp_group=None):
         super().__init__(config, tp_group)
-        d, heads = config.hidden_size, config.num_attention_heads
+        heads = config.num_attention_heads
         self.version = config.mosaic_version
         self.num_local_heads = heads // self.tp_size
-        bias = config.add_bias_linear if self.version == 1 else False
-        self.linear_value = column_linear(linears, config, d, d, init_method, bias, self.tp_group)
         self.mix = self.per_head_parameter(torch.rand(heads))
         self.value_scale = self.per_head_parameter(torch.full((heads,), -0.05 if self.version == 1 else 0.0))
 
-    def project(self, x: Tensor) -> Tensor:
-        """x [s, b, d] -> W_v x [s, b, H_local·hs]: the projection, kept under selective recompute."""
-        return self.linear_value(x)[0]
-
     def features(self, projected: Tensor, context: MemoryContext, dtype: torch.dtype) -> Tensor:
-        """The peek mix, norm and scale: values (b, H_local, s, hs) in ``dtype``."""
+        """W_v x [s, b, H_local·hs] -> values (b, H_local, s, hs) in ``dtype`` (the peek mix,
+        norm and scale)."""
         raw = split_heads(projected, self.num_local_heads).float()
         mixed = peek_values(raw, self.mix.float().view(1, -1, 1, 1), resets=context.resets, group=context.cp_group)
         return finish_values(mixed, self.value_scale, self.version).to(dtype)
-
-    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
-        """x [s, b, d] -> values (b, H_local, s, hs) in x's dtype."""
-        return self.features(self.project(x), context, x.dtype)

@@ -1,9 +1,11 @@
 """The memory units of a Mosaic block, heads split across tensor-parallel ranks.
 
 v1: ContextualMemory (pairs i < t) and PersistentMemory (trained slots, replaces the FFN).
-v2: AssociativeMemory (one short- or long-term memory, no projection) and LongShortMemory
+v2: AssociativeMemory (one short- or long-term memory, no output projection) and LongShortMemory
     (both, with one output projection over their concatenated heads).
 Inputs are [s, b, d]; outputs [s, b, d] after the RowParallelLinear (all-reduce over TP).
+Each memory projects its input with one fused column-parallel GEMM (model/fused_projection.py)
+and hands the pieces to its key and value extractors.
 Under sequence parallelism inputs and outputs are [s/TP, b, d]: each memory gathers the sequence
 once before its projections and the output projection reduce-scatters it again.
 """
@@ -24,6 +26,7 @@ from .context import MemoryContext
 from .extractors import (
     GatedKeyExtractor, LeakyKeyExtractor, MemoryLinears, ValueExtractor, row_linear,
 )
+from .fused_projection import FusedProjection, Part
 from .module import MosaicModule, gather_sequence, merge_heads
 from .recompute import maybe_checkpoint, recompute_memory_core
 
@@ -41,9 +44,13 @@ class ContextualMemory(MosaicModule):
     def __init__(self, config: MosaicConfig, submodules: MemoryLinears, init_method: Callable,
                  output_init_method: Callable, tp_group=None):
         super().__init__(config, tp_group)
-        d = config.hidden_size
-        self.key_extractor = LeakyKeyExtractor(config, submodules, init_method, scale_pow=1, tp_group=self.tp_group)
-        self.value_extractor = ValueExtractor(config, submodules, init_method, tp_group=self.tp_group)
+        d, hs = config.hidden_size, config.head_dim
+        # Built first: its parts are drawn in the order the separate linears were (key, value).
+        self.projection = FusedProjection(
+            config, submodules, [Part("key_extractor.linear_key", hs), Part("value_extractor.linear_value", hs)],
+            init_method, config.add_bias_linear, tp_group=self.tp_group)
+        self.key_extractor = LeakyKeyExtractor(config, scale_pow=1, tp_group=self.tp_group)
+        self.value_extractor = ValueExtractor(config, tp_group=self.tp_group)
         self.linear_proj = row_linear(submodules, config, d, d, output_init_method, config.add_bias_linear, self.tp_group)
 
     def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
@@ -54,8 +61,7 @@ class ContextualMemory(MosaicModule):
             values = self.value_extractor.features(value, context, x.dtype)
             return recall(keys, keys, values, Visibility(delay=1), context)
 
-        projected = (*self.key_extractor.project(x), self.value_extractor.project(x))
-        y = maybe_checkpoint(recompute_memory_core(self.config), core, *projected)
+        y = maybe_checkpoint(recompute_memory_core(self.config), core, *self.projection(x))
         return self.linear_proj(merge_heads(y))[0]
 
 
@@ -68,7 +74,9 @@ class PersistentMemory(MosaicModule):
         super().__init__(config, tp_group)
         d, heads, hs = config.hidden_size, config.num_attention_heads, config.head_dim
         slots = config.persistent_memory_size
-        self.key_extractor = LeakyKeyExtractor(config, submodules, init_method, scale_pow=2, tp_group=self.tp_group)
+        self.projection = FusedProjection(config, submodules, [Part("key_extractor.linear_key", hs)], init_method,
+                                          config.add_bias_linear, tp_group=self.tp_group)
+        self.key_extractor = LeakyKeyExtractor(config, scale_pow=2, tp_group=self.tp_group)
         self.memory_keys = self.per_head_parameter(torch.randn(heads, slots, hs) / hs**0.5)
         self.memory_values = self.per_head_parameter(torch.randn(heads, slots, hs) / hs**0.5)
         self.output_scale = self.per_head_parameter(torch.full((heads,), -0.05))
@@ -85,7 +93,7 @@ class PersistentMemory(MosaicModule):
             y = F.scaled_dot_product_attention(keys, slot_keys, slot_values, scale=1.0)
             return y * exp10_scale(self.output_scale).to(y.dtype)
 
-        y = maybe_checkpoint(recompute_memory_core(self.config), core, *self.key_extractor.project(x))
+        y = maybe_checkpoint(recompute_memory_core(self.config), core, *self.projection(x))
         return self.linear_proj(merge_heads(y))[0]
 
 
@@ -97,10 +105,14 @@ class AssociativeMemory(MosaicModule):
         super().__init__(config, tp_group)
         if kind not in ("short", "long"):
             raise ValueError(f"AssociativeMemory kind must be 'short' or 'long', got {kind!r}")
-        heads = config.num_attention_heads
+        heads, hs = config.num_attention_heads, config.head_dim
         self.kind = kind
-        self.key_extractor = GatedKeyExtractor(config, submodules, init_method, tp_group=self.tp_group)
-        self.value_extractor = ValueExtractor(config, submodules, init_method, tp_group=self.tp_group)
+        # W_φ, W_g, W_λ, W_v in one GEMM, drawn in the order the separate linears were.
+        parts = [Part("key_extractor.linear_key", hs), Part("key_extractor.linear_gate", 1),
+                 Part("key_extractor.linear_decay", 1), Part("value_extractor.linear_value", hs)]
+        self.projection = FusedProjection(config, submodules, parts, init_method, False, tp_group=self.tp_group)
+        self.key_extractor = GatedKeyExtractor(config, tp_group=self.tp_group)
+        self.value_extractor = ValueExtractor(config, tp_group=self.tp_group)
         self.bandwidth_theta0 = self.per_head_parameter(torch.full((heads,), config.bandwidth_theta_init))
         self.bandwidth_theta1 = self.per_head_parameter(torch.full((heads,), config.bandwidth_theta_init))
         self.bandwidth_theta_alpha = self.per_head_parameter(torch.full((heads,), config.bandwidth_alpha_init))
@@ -124,8 +136,7 @@ class AssociativeMemory(MosaicModule):
             queries = (keys.float() * beta).to(keys.dtype)
             return recall(queries, keys, values, visibility, context)
 
-        projected = (*self.key_extractor.project(x), self.value_extractor.project(x))
-        return maybe_checkpoint(recompute_memory_core(self.config), core, *projected)
+        return maybe_checkpoint(recompute_memory_core(self.config), core, *self.projection(x))
 
 
 class LongShortMemory(MosaicModule):

@@ -318,10 +318,15 @@ def map_official_state_dict(
 # Loading into our model
 
 
-def loadable_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+def loadable_tensors(model: torch.nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
     """``model.state_dict()`` without Megatron's ``_extra_state`` entries (Transformer Engine
-    metadata, not weights): the tensors a complete mapped state dict must provide."""
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    metadata, not weights), each memory's fused projection seen as its separate linears
+    (``key_extractor.linear_key.weight`` ...; model/fused_projection.py): the tensors a complete
+    mapped state dict must provide, in the names every converter and checkpoint uses."""
+    from .fused_projection import logical_tensors  # Megatron-dependent: not at import time
+
+    own = {k: v for k, v in model.state_dict(keep_vars=keep_vars).items() if not k.endswith("_extra_state")}
+    return logical_tensors(model, own)
 
 
 def load_mapped_state_dict(
@@ -351,15 +356,19 @@ def load_mapped_state_dict(
     )
     if problems:
         raise error(f"{source}: cannot load into {type(model).__name__}: " + "; ".join(problems))
-    with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
+    with torch.no_grad():  # the fused projections' parts are views: copying fills the fused weights
+        for name, tensor in loadable_tensors(model, keep_vars=True).items():
             if name in mapped:
                 tensor.copy_(mapped[name])
-    # Every parameter (tied ones are shared objects) must now hold exactly what was mapped.
+    # Every parameter (tied ones are shared objects) must now hold exactly what was mapped (a
+    # fused weight: its parts, and zeros in its pad).
+    from .fused_projection import fused_tensors
+
+    physical = fused_tensors(model, mapped)
     after = model.state_dict()
     for name, param in model.named_parameters():
-        if name not in mapped:
+        if name not in physical:
             raise error(f"{source}: model parameter {name!r} was not filled")
-    for name, value in mapped.items():
+    for name, value in physical.items():
         if not torch.equal(after[name], value.to(after[name].dtype)):
             raise error(f"{source}: {name!r} does not hold the imported value after loading")

@@ -40,6 +40,14 @@ def packed_tokens(generator: torch.Generator, batch: int = BATCH, seq: int = SEQ
     return tokens
 
 
+def logical_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """named_parameters() with each memory's fused projection seen as its separate linears
+    (views of the fused weight: copying into them sets the model's weights)."""
+    from megatron_mosaic.model.fused_projection import logical_tensors
+
+    return logical_tensors(model, dict(model.named_parameters()))
+
+
 def is_glu_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
 

@@ -13,13 +13,16 @@ import re
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import apply_factories
 from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
 
 from megatron_mosaic.model import MosaicModel, build_gpt_baseline, sample_long_term_delay
 from tests.distributed import run_distributed
+from megatron_mosaic.model.fused_projection import logical_tensors
 from tests.model.helpers import (
-    EOD, VOCAB, gather_full, packed_tokens, randomize_per_head_, shard_of, tiny_config, tiny_gpt_config,
+    EOD, VOCAB, gather_full, logical_parameters, packed_tokens, randomize_per_head_, shard_of, tiny_config,
+    tiny_gpt_config,
 )
 
 KINDS = ("v1", "v2", "gpt")
@@ -66,21 +69,27 @@ def _check_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol}"
 
 
+def _grads(model) -> dict:
+    """Gradients by parameter name, each fused projection's split into its parts (which carry
+    the TP attributes, so TP=2 and TP=1 compare part by part whatever the padding)."""
+    return logical_tensors(model, {n: p.grad for n, p in model.named_parameters()})
+
+
 def _references() -> dict:
     """TP=1 loss, weights and gradients of every model kind (identical on both ranks)."""
     tokens, labels = _batch()
     refs = {}
     for kind in KINDS:
         model = _build(kind)
-        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        initial = {n: p.detach().clone() for n, p in logical_parameters(model).items()}
         randomize_per_head_(model, torch.Generator().manual_seed(1))
         loss = model(tokens, labels=labels, long_term_delay=DELAY)
         loss.mean().backward()
         refs[kind] = dict(
             initial=initial,
             loss=loss.detach(),
-            params={n: p.detach().clone() for n, p in model.named_parameters()},
-            grads={n: p.grad.clone() for n, p in model.named_parameters()},
+            params={n: p.detach().clone() for n, p in logical_parameters(model).items()},
+            grads={n: g.clone() for n, g in _grads(model).items()},
         )
     return refs
 
@@ -91,7 +100,7 @@ def _check_tensor_parallel(rank: int, refs: dict) -> None:
     for kind in KINDS:
         ref = refs[kind]
         model = _build(kind, tp=2)
-        names = dict(model.named_parameters())
+        names = logical_parameters(model)
         assert set(names) == set(ref["params"]), f"{kind}: TP=2 parameter names differ from TP=1"
         for name, p in names.items():  # same seed: TP=2 starts from the TP=1 init, sliced
             torch.testing.assert_close(p.detach(), shard_of(name, p, ref["initial"][name], rank, 2), rtol=0, atol=0)
@@ -101,9 +110,10 @@ def _check_tensor_parallel(rank: int, refs: dict) -> None:
         loss = model(tokens, labels=labels, long_term_delay=DELAY)
         _check_close(loss.detach(), ref["loss"], f"{kind} TP=2 loss")
         loss.mean().backward()
-        for name, p in names.items():
+        for name, grad in _grads(model).items():
+            p = names[name]  # the (logical) parameter: its TP attributes say how to gather
             tol = HEAD_SCALAR_TOL if _is_head_scalar(name, p) else REL_TOL
-            _check_close(gather_full(name, p, p.grad, group), ref["grads"][name], f"{kind} TP=2 grad {name}", tol)
+            _check_close(gather_full(name, p, grad, group), ref["grads"][name], f"{kind} TP=2 grad {name}", tol)
         if kind != "gpt":
             _check_checkpoint_axes(model, rank)
         _check_sharding_integrity(model)
@@ -113,7 +123,9 @@ def _check_checkpoint_axes(model: MosaicModel, rank: int) -> None:
     """Per-head params and slots: ShardedTensors split on the head axis (after the layer axis)."""
     cfg = model.config
     heads, layers = cfg.num_attention_heads, cfg.num_layers
-    sharded = {v.key: v for v in model.sharded_state_dict().values() if hasattr(v, "global_shape")}
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)  # the fused projections' parts, under their separate names
+    sharded = {v.key: v for v in nested_values(sharded) if hasattr(v, "global_shape")}
     keys = (
         ["contextual_memory.key_extractor.leak", "contextual_memory.value_extractor.mix",
          "persistent_memory.memory_values", "persistent_memory.output_scale"]
@@ -149,7 +161,7 @@ def _check_pipeline_parallel(rank: int, refs: dict) -> None:
         ref = refs[kind]
         model = _build(kind, pp=2, pre=rank == 0, post=rank == 1)
         offset = rank * model.config.num_layers // 2
-        names = {n: p for n, p in model.named_parameters()}
+        names = logical_parameters(model)
         with torch.no_grad():
             for name, p in names.items():
                 p.copy_(ref["params"][_global_name(name, offset, kind)])
@@ -169,8 +181,7 @@ def _check_pipeline_parallel(rank: int, refs: dict) -> None:
             _check_close(loss.detach(), ref["loss"], f"{kind} PP=2 loss")
             loss.mean().backward()
             dist.send(received.grad.contiguous(), dst=0)
-        for name, p in names.items():
-            grad = p.grad
+        for name, grad in _grads(model).items():
             if kind == "v1" and name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 grad = grad.clone()  # tied weight: its gradient is the sum over both stages
                 dist.all_reduce(grad)

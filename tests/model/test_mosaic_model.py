@@ -25,9 +25,10 @@ from megatron_mosaic.model import (
 )
 from tests.model import naive_mosaic
 from tests.model.helpers import (
-    BATCH, EOD, SEQ, VOCAB, packed_tokens, randomize_per_head_, single_rank_megatron,
+    BATCH, EOD, SEQ, VOCAB, logical_parameters, packed_tokens, randomize_per_head_, single_rank_megatron,
     tiny_config, tiny_gpt_config,
 )
+from megatron_mosaic.model.fused_projection import logical_tensors
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,7 +79,7 @@ def test_layer_matches_naive_reference(version, packed):
         x = torch.randn(SEQ, BATCH, cfg.hidden_size, generator=gen)
         out, ctx = layer(x, context=None, packed_seq_params=MemoryContext(layout, delay))
         assert ctx is None
-        weights = {k: v for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+        weights = logical_tensors(layer, {k: v for k, v in layer.state_dict().items() if torch.is_tensor(v)})
         xb, doc = x.transpose(0, 1), layout.doc_starts
         if version == 1:
             want = naive_mosaic.v1_block(xb, weights, cfg.num_attention_heads, doc)
@@ -256,7 +257,7 @@ def test_v1_init_follows_official():
     model = MosaicModel(tiny_config(1, hidden_size=64, num_layers=3), VOCAB)
     layer = model.decoder.layers[1]
     cm = layer.contextual_memory
-    assert abs(cm.key_extractor.linear_key.weight.std().item() - 0.02) < 0.002
+    assert abs(logical_parameters(cm)["key_extractor.linear_key.weight"].std().item() - 0.02) < 0.002
     assert abs(cm.linear_proj.weight.std().item() - 0.02 / math.sqrt(6)) < 0.001
     assert torch.count_nonzero(cm.linear_proj.bias) == 0
     torch.testing.assert_close(cm.key_extractor.leak.data, torch.linspace(0.5, 5, 4) / 10)
@@ -276,7 +277,8 @@ def test_v2_init_is_truncated_normal_per_layer():
         sigma = 1 / math.sqrt(2 * d * (l + 1))
         sigma2 = 1 / math.sqrt(2 * model.config.ffn_hidden_size * (l + 1))
         st = layer.memory.short_term
-        weights = [st.key_extractor.linear_key.weight, st.value_extractor.linear_value.weight,
+        parts = logical_parameters(st)
+        weights = [parts["key_extractor.linear_key.weight"], parts["value_extractor.linear_value.weight"],
                    layer.memory.linear_proj.weight, layer.mlp.linear_fc1.weight]
         for w in weights:
             # std of N(0, σ²) truncated at ±3σ is 0.9866 σ
