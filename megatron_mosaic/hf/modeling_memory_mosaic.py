@@ -118,7 +118,8 @@ class LeakyKeyExtractor(nn.Module):
         """x (B, T, d) -> keys (B, H, T, hs) in x's dtype, final recurrence state (fp32)."""
         raw = _split_heads(self.linear_key(x), self.num_heads).float()
         log_decay = -(10.0 * self.leak.float()).abs().view(1, -1, 1, 1)
-        scaled, log_scale, final = linear_recurrence(raw, log_decay, None, resets, state)
+        # Eager scan: generation calls it with a new length every step (torch.compile would recompile).
+        scaled, log_scale, final = linear_recurrence(raw, log_decay, None, resets, state, compiled=False)
         keys = leaky_keys(scaled, log_scale, self.key_scale, self.scale_power, self.key_scale_max, self.eps)
         return keys.to(x.dtype), final
 
@@ -139,7 +140,7 @@ class GatedKeyExtractor(nn.Module):
         raw = _split_heads(self.linear_key(x), self.num_heads).float()
         log_gain = self.linear_gate(x).float().transpose(1, 2).unsqueeze(-1)  # (B, H, T, 1)
         log_decay = -self.linear_decay(x).float().abs().transpose(1, 2).unsqueeze(-1)
-        scaled, _, final = linear_recurrence(raw, log_decay, log_gain, resets, state)
+        scaled, _, final = linear_recurrence(raw, log_decay, log_gain, resets, state, compiled=False)  # eager: see v1
         return gated_unit_keys(scaled).to(x.dtype), final
 
 

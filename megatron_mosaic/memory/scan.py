@@ -119,6 +119,23 @@ def _scan_fp32(
     return scaled, m
 
 
+_COMPILED_CORE = None
+
+
+def compiled_core():
+    """``_scan_fp32`` through torch.compile, built on first use (one process-wide cache of graphs).
+
+    Eager, the chunked scan is ~200 small kernels per call (pads, cumsums, masks, the recursion
+    over chunk ends): launch-bound on a GPU. Compiled, inductor fuses the elementwise work
+    around the chunk matmuls into a few kernels (the recursion, whose depth depends only on T,
+    is unrolled into the graph). The same function computes the same values, so the eager
+    chunked scan stays the reference (tests/memory/test_compiled_scan.py compares them)."""
+    global _COMPILED_CORE
+    if _COMPILED_CORE is None:
+        _COMPILED_CORE = torch.compile(_scan_fp32)
+    return _COMPILED_CORE
+
+
 def _expand_gate(name: str, gate: Tensor | None, B: int, H: int, T: int) -> Tensor | None:
     if gate is None:
         return None
@@ -136,6 +153,7 @@ def linear_recurrence(
     resets: Tensor | None = None,
     initial_state: RecurrenceState | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compiled: bool | None = None,
 ) -> tuple[Tensor, Tensor, RecurrenceState]:
     """Run h_t = exp(log_decay_t)·h_{t-1}·(1 - reset_t) + exp(log_gain_t)·x_t over T.
 
@@ -150,6 +168,9 @@ def linear_recurrence(
 
     The final state is fp32 (it is carried across chunks/ranks). log_scale_t is the largest log
     weight of row t, so max_s |weight| = 1 and ‖scaled_t‖ ≤ Σ_s ‖x_s‖: never inf for finite input.
+
+    compiled: run the chunked core through torch.compile (``compiled_core``); None (default)
+    means on CUDA only: the eager chunked scan is the CPU default and the reference.
     """
     if inputs.dim() != 4:
         raise ValueError(f"linear_recurrence: inputs must be (B, H, T, D), got shape {tuple(inputs.shape)}")
@@ -173,6 +194,7 @@ def linear_recurrence(
     if resets is not None:
         resets = resets.to(torch.bool)
     with fp32_region(inputs.device):  # exp'd log weights keep their bits under autocast too
-        scaled, log_scale = _scan_fp32(inputs.to(torch.float32), a, g, resets, init, chunk_size)
+        core = compiled_core() if (inputs.is_cuda if compiled is None else compiled) else _scan_fp32
+        scaled, log_scale = core(inputs.to(torch.float32), a, g, resets, init, chunk_size)
     final = RecurrenceState(scaled[:, :, -1], log_scale[:, :, -1])
     return scaled.to(inputs.dtype), log_scale, final
