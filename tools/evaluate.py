@@ -12,9 +12,13 @@ what the table shows (Memory Mosaics have no positional encoding; the GPT baseli
 
 Documents are generated with the checkpoint's own vocabulary: NullTokenizer (or mock-data)
 checkpoints get integer ids, others get words through their tokenizer (lengths then
-approximate, never above the requested length). Evaluation runs on one process through the
-Hugging Face model; a checkpoint saved with context parallelism is merged, and its long
-contexts run unsplit here (no context-parallel evaluation).
+approximate, never above the requested length). On one process the Hugging Face model scores
+(a checkpoint of any layout is merged in memory). Long contexts run under context parallelism:
+
+    torchrun --nproc_per_node=2 tools/evaluate.py --load CKPT_DIR --task recall --seq-length 8192
+
+runs the Megatron model's own CP path with the sequence split over 2 ranks (CP defaults to the
+number of processes; --context-parallel-size says it explicitly). Rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tools/make_eval_data.py --num-symbols; default the same default)")
     p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots, per task")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--context-parallel-size", type=int, default=None,
+                   help="split each sequence over this many ranks (Megatron checkpoints; one process per rank "
+                        "under torchrun; default: the number of processes)")
     return p
 
 
@@ -66,14 +73,34 @@ def check(args: argparse.Namespace) -> Optional[str]:
         return f"--task {' '.join(t for t in args.task if TASKS[t].needs_text)} needs real text: pass --text CORPUS.jsonl"
     if not os.path.isdir(args.load):
         return f"--load {args.load}: no such directory"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cp = args.context_parallel_size = args.context_parallel_size or world
+    if cp < 1 or cp != world:
+        return (f"--context-parallel-size {cp} needs exactly {cp} processes "
+                f"(torchrun --nproc_per_node={cp}), got {world}")
+    if cp > 1 and os.path.isfile(os.path.join(args.load, "config.json")):
+        return (f"--load {args.load} is a Hugging Face directory: context parallelism runs the Megatron model, "
+                "so it needs the Megatron checkpoint")
     return None
+
+
+def _fail(message: object) -> int:
+    """One line from the first rank; the others wait so torchrun does not stop rank 0 first."""
+    from megatron_mosaic.training.arguments import FIRST_RANK_GRACE_S, is_first_rank
+
+    if is_first_rank():
+        return cli_error(PROG, message)
+    import time
+
+    time.sleep(FIRST_RANK_GRACE_S)
+    return 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     problem = check(args)
     if problem:
-        return cli_error(PROG, problem)
+        return _fail(problem)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -88,24 +115,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    first = os.environ.get("RANK", "0") == "0"
+    log = lambda message: first and print(message, file=sys.stderr, flush=True)  # noqa: E731
+    cp = args.context_parallel_size
     try:
-        loaded = load_model(args.load, args.vocab_size, args.num_symbols)
+        if cp > 1:
+            from megatron_mosaic.evaluation.cp_runner import init_context_parallel, load_megatron_for_cp
+
+            init_context_parallel(cp)
+            loaded = load_megatron_for_cp(args.load, args.vocab_size, args.num_symbols)
+        else:
+            loaded = load_model(args.load, args.vocab_size, args.num_symbols)
         log(f"loaded {loaded.kind} from {args.load}: {loaded.parameters:,} parameters, "
-            f"training length {loaded.train_seq_length}, {loaded.vocab.fmt} format")
+            f"training length {loaded.train_seq_length}, {loaded.vocab.fmt} format"
+            + (f", context parallel over {cp} ranks" if cp > 1 else ""))
         for task in dict.fromkeys(args.task):
             results = evaluate_task(loaded, task, args.seq_length, num_docs=args.num_docs, seed=args.seed,
                                     text=args.text, batch_size=args.batch_size,
                                     name=args.name or loaded.kind, log=log)
+            if cp > 1:
+                results["context_parallel_size"] = cp
+            if not first:
+                continue
             print(table([results]), flush=True)
             for path in write_outputs([results], args.output, task) if args.output else []:
                 print(f"wrote {path}")
     except (CheckpointError, ConversionError, VocabError, DataError, FileNotFoundError, ValueError) as err:
-        return cli_error(PROG, err)
+        return _fail(err)
     return 0
 
 
 if __name__ == "__main__":
     from tools._cli import run_tool  # noqa: E402
 
-    sys.exit(run_tool(main, "evaluate"))
+    status = run_tool(main, "evaluate")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a context-parallel run: leave cleanly
+        dist.destroy_process_group()
+    sys.exit(status)

@@ -2,8 +2,8 @@
 
 A Megatron checkpoint (any --model, saved at any TP/PP/CP layout: its shards are merged from the
 checkpoint metadata) is converted in memory exactly as ``convert_to_hf.py`` would write it; an
-exported directory is loaded as it is. One process runs the whole sequence: context
-parallelism is not used for evaluation (see tools/evaluate.py).
+exported directory is loaded as it is. Under context parallelism (``cp_runner``) the Megatron
+model itself runs instead, and ``LoadedModel.token_scores`` replaces the HF forward.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class LoadedModel:
     parameters: int
     train_seq_length: Optional[int] = None
     extra: dict = field(default_factory=dict)
+    # input_ids (B, T) -> (log-probability of each next token, argmax prediction), both (B, T-1);
+    # None: the HF model's logits on one process.
+    token_scores: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 def _read_export_args(path: str) -> dict:
@@ -58,6 +61,14 @@ def load_model(path: str, vocab_size: Optional[int] = None, num_symbols: Optiona
         if args.get("tokenizer_type") not in ID_TOKENIZERS:
             tokenizer = build_hf_tokenizer(args)
     kind = args.get("model") or model.config.model_type
+    vocab, encode = feeding(path, args, tokenizer, vocab_size, num_symbols)
+    parameters = sum(p.numel() for p in model.parameters())
+    return LoadedModel(model, args, encode, vocab, kind, parameters, args.get("seq_length"))
+
+
+def feeding(path: str, args: dict, tokenizer, vocab_size: Optional[int],
+            num_symbols: Optional[int]) -> tuple[SymbolVocab, Callable[[str], list[int]]]:
+    """How tasks are rendered for a checkpoint and its text turned into token ids."""
     if args.get("tokenizer_type") in ID_TOKENIZERS and tokenizer is None:
         size = vocab_size or args.get("vocab_size")
         if size is None:
@@ -69,8 +80,13 @@ def load_model(path: str, vocab_size: Optional[int] = None, num_symbols: Optiona
             raise ValueError(f"--load {path}: the checkpoint's tokenizer could not be found")
         vocab = SymbolVocab("text", num_symbols=num_symbols)
         encode = (lambda text: tokenizer.encode(text, add_special_tokens=False))
-    parameters = sum(p.numel() for p in model.parameters())
-    return LoadedModel(model, args, encode, vocab, kind, parameters, args.get("seq_length"))
+    return vocab, encode
+
+
+def hf_token_scores(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=input_ids).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    return logprobs, logits[:, :-1].argmax(-1)
 
 
 @dataclass
@@ -103,9 +119,8 @@ def score_batch(loaded: LoadedModel, batch: Sequence[EncodedDocument], task: str
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     for row, doc in enumerate(batch):
         input_ids[row, :len(doc.ids)] = torch.tensor(doc.ids)
-    logits = loaded.model(input_ids=input_ids).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-    predicted = logits[:, :-1].argmax(-1)
+    scores = loaded.token_scores or (lambda ids: hf_token_scores(loaded.model, ids))
+    logprobs, predicted = scores(input_ids)
     results = []
     for row, doc in enumerate(batch):
         n = len(doc.ids)
