@@ -33,6 +33,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 from torch import Tensor
 
@@ -83,6 +84,10 @@ class FusedProjection(MosaicModule):
         quiet.perform_initialization = False
         self.linear = column_linear(linears, quiet, config.hidden_size, self.local_width * self.tp_size,
                                     init_method, bias, self.tp_group)
+        if not hasattr(self.linear.weight, "tensor_model_parallel"):
+            # Megatron marks the weight TP-split only inside its own initialisation, skipped
+            # here; unmarked, the gradient norm and clipping would count it on TP rank 0 only.
+            set_tensor_model_parallel_attributes(self.linear.weight, is_parallel=True, dim=0, stride=1)
         self._initialise(config, init_method, heads)
 
     @torch.no_grad()

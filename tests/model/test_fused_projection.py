@@ -44,6 +44,8 @@ def test_one_gemm_per_memory_with_fp8_legal_width(version):
     d, heads = model.config.hidden_size, model.config.num_attention_heads
     want = {1: [2 * d, d], 2: [2 * d + 2 * heads]}[version]
     for m in fused:
+        weight = m.linear.weight  # TP-split on its rows: counted by every TP rank in grad norms
+        assert weight.tensor_model_parallel and weight.partition_dim == 0 and weight.allreduce
         assert m.linear.weight.shape[0] % FP8_MULTIPLE == 0 and m.linear.weight.shape[1] == d
         assert sum(m.widths) in want and m.linear.weight.shape[0] - sum(m.widths) < FP8_MULTIPLE
 
