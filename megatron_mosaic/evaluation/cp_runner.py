@@ -67,7 +67,10 @@ def load_megatron_for_cp(path: str, vocab_size: Optional[int] = None,
     model.eval()
     tokenizer = build_hf_tokenizer(saved) if saved.get("tokenizer_type") not in ID_TOKENIZERS else None
     vocab, encode = feeding(path, saved, tokenizer, vocab_size, num_symbols)
-    parameters = sum(p.numel() for p in model.parameters())
+    # Counted as the HF model counts them: fused projections' zero pad rows are no parameters.
+    from megatron_mosaic.model.fused_projection import logical_tensors
+
+    parameters = sum(t.numel() for t in logical_tensors(model, dict(model.named_parameters())).values())
     loaded = LoadedModel(model, saved, encode, vocab, saved.get("model", "?"), parameters, saved.get("seq_length"))
     loaded.token_scores = lambda input_ids: cp_token_scores(model, args, input_ids)
     return loaded

@@ -47,6 +47,7 @@ def test_context_parallel_scores_equal_single_process(tiny_checkpoints, small_te
         cp, one = results(tmp_path / "cp" / model), results(tmp_path / "one" / model)
         for task, spec in TASKS.items():
             assert cp[task]["context_parallel_size"] == 2 and "context_parallel_size" not in one[task]
+            assert cp[task]["parameters"] == one[task]["parameters"]  # the same model, counted alike
             for a, b in zip(cp[task]["lengths"], one[task]["lengths"]):
                 assert (a["length"], a["tokens"]) == (b["length"], b["tokens"])
                 assert a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-5), (model, task)
