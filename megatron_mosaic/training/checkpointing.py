@@ -280,7 +280,7 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
         _warn_once(f"{path} holds no optimizer state: the optimizer starts fresh")
         optimizer = None
     if optimizer is not None:
-        _check_optimizer_format(path, common, optimizer.format)
+        saved_format = _check_optimizer_format(path, common, optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(_model_part(request),
                                                             is_loading=True)
     dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
@@ -302,7 +302,7 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
         key = "model" if len(model_chunks) == 1 else f"model{i}"
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.load_state_dict(loaded["optimizer"], saved_format)
     if scheduler is not None and _scheduler_state(common) is not None:
         scheduler.load_state_dict(_scheduler_state(common))
     if "rng_state" in request:
@@ -317,15 +317,16 @@ _OPTIMIZER_NAMES = {"mosaic-adamw": "the torch AdamW of earlier versions",
                     "megatron": "Megatron's optimizer without --use-distributed-optimizer"}
 
 
-def _check_optimizer_format(path: str, common: dict[str, Any], wanted: str) -> None:
-    """Optimizer state loads only into the optimizer (and sharding format) that saved it."""
-    saved = common.get("optimizer_format", "mosaic-adamw")
-    if saved != wanted:
+def _check_optimizer_format(path: str, common: dict[str, Any], optimizer: Any) -> str:
+    """The saved optimizer's format, if ``optimizer`` loads it (it names those it can load)."""
+    saved, wanted = common.get("optimizer_format", "mosaic-adamw"), optimizer.format
+    if saved not in optimizer.loads_formats:
         name = lambda f: _OPTIMIZER_NAMES.get(f, f"Megatron's optimizer with "
                                                  f"--use-distributed-optimizer ({f})")
         raise CheckpointMismatchError(
             f"--load {path}: its optimizer state was saved by {name(saved)} and this run uses "
             f"{name(wanted)}; pass --no-load-optim to load the weights with a fresh optimizer")
+    return saved
 
 
 def _scheduler_state(common: dict[str, Any]) -> Optional[dict[str, Any]]:

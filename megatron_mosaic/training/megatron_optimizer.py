@@ -46,6 +46,15 @@ def _no_decay_overrides() -> dict:
     return {key: ParamGroupOverride(wd_mult=0.0)}
 
 
+def _init_sgd_state(optimizer: torch.optim.Optimizer, config: Any = None) -> None:
+    """Zero momentum buffers, so a checkpoint load has tensors to fill. SGD's first step is
+    the same with them (dampening 0: buffer = 0 * momentum + grad)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if group["momentum"] and not optimizer.state[param]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+
+
 class MegatronOptimizer:
     """Megatron's optimizer over Megatron DDP chunks (``model_builder.wrap_for_training``)."""
 
@@ -63,7 +72,14 @@ class MegatronOptimizer:
         )
         self.optimizer = get_megatron_optimizer(config, model_chunks,
                                                 config_overrides=_no_decay_overrides())
+        for optimizer in self._optimizers():
+            if optimizer.init_state_fn is None:  # megatron-core 0.16.1 gives SGD none: no load
+                optimizer.init_state_fn = _init_sgd_state
         self.format = checkpoint_format(self.sharded)
+        # Checkpoints of the torch AdamW used before: same per-parameter moment tensors (keys
+        # "optimizer.state.exp_avg.<parameter>"), only the common part is converted on load.
+        convertible = not self.sharded and len(self._optimizers()) == 1
+        self.loads_formats = (self.format, "mosaic-adamw") if convertible else (self.format,)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -121,5 +137,17 @@ class MegatronOptimizer:
                 metadata={"distrib_optim_sharding_type": DISTRIBUTED_SHARDING})
         return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading)
 
-    def load_state_dict(self, state_dict: Any) -> None:
+    def load_state_dict(self, state_dict: Any, saved_format: str = "") -> None:
+        if saved_format == "mosaic-adamw":
+            state_dict = self._from_mosaic_adamw(state_dict)
         self.optimizer.load_state_dict(state_dict)
+
+    def _from_mosaic_adamw(self, state_dict: dict) -> dict:
+        """The old optimizer's state as Megatron's FP32Optimizer state: the moments were loaded
+        into this optimizer's own structure already; its step moves into ``state`` (Megatron's
+        place for it) and the param groups are this run's (the scheduler sets lr and decay)."""
+        step = state_dict.pop("common_step", 0.0)
+        state_dict["param_groups"] = self.optimizer.state_dict()["param_groups"]  # one optimizer
+        if step and any("exp_avg" in s for s in state_dict["state"].values()):
+            state_dict["state"]["common_step"] = torch.tensor(float(step))
+        return state_dict

@@ -49,7 +49,7 @@ from megatron_mosaic.training.batch_schedule import init_batch_schedule
 from megatron_mosaic.training.flops import model_flops_per_sample
 from megatron_mosaic.training.observability import Observability
 from megatron_mosaic.training.megatron_optimizer import MegatronOptimizer
-from megatron_mosaic.training.optimizer import MosaicOptimizer, build_scheduler
+from megatron_mosaic.training.optimizer import build_scheduler
 
 
 class Run:
@@ -68,8 +68,7 @@ class Run:
         sharded = getattr(args, "use_distributed_optimizer", False)
         self.model = wrap_for_training(build_model(args), use_distributed_optimizer=sharded,
                                        overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False))
-        self.optimizer = (MegatronOptimizer(self.model, args) if sharded
-                          else MosaicOptimizer(self.model, args))
+        self.optimizer = MegatronOptimizer(self.model, args)
         self.scheduler = build_scheduler(self.optimizer, args)
         if args.save:
             self._check_save()

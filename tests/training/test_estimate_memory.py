@@ -37,13 +37,12 @@ def _measure(model: str, extra: list[str], world_size: int) -> dict:
     run = Run(args)
     run.fit()
     params = [p for chunk in run.model for p in chunk.parameters()]
-    state = [t for s in run.optimizer.optimizer.state.values() for t in s.values() if t.dim() > 0]
     tokens = torch.randint(0, 200, (args.micro_batch_size, args.seq_length), generator=torch.Generator().manual_seed(0))
     with SavedTensorMeter(params) as meter:
         run.model[0](tokens, labels=tokens, packed_seq_params=micro_batch_context(tokens, 32))
     measured = {"weights": sum(p.numel() * p.element_size() for p in params),
                 "grads": sum(p.main_grad.numel() * p.main_grad.element_size() for p in params),
-                "optimizer": sum(t.numel() * t.element_size() for t in state), "activations": meter.bytes}
+                "optimizer": run.optimizer.state_bytes(), "activations": meter.bytes}
     measured["total"] = sum(measured.values())
     layout = Layout(tp=args.tensor_model_parallel_size, dp=args.data_parallel_size, micro_batch=args.micro_batch_size,
                     seq_length=args.seq_length, num_microbatches=1, recompute=args.recompute_granularity or "none",
