@@ -44,6 +44,26 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, dict[str, str]]:
     return out
 
 
+def pretrain(argv: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                   f"--nproc_per_node={nproc}", "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(launcher + [str(ROOT / "pretrain_mosaic.py"), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def cp_run(tmp_path_factory) -> dict:
+    """mosaic-v2 trained and saved under --context-parallel-size 2 (torchrun, 2 ranks), its
+    per-position pass at 3x the training length: one run for the --eval-seq-length test and
+    for scoring a checkpoint saved with context parallelism."""
+    root = tmp_path_factory.mktemp("cp_run")
+    argv = [*TINY, "--model", "mosaic-v2", "--context-parallel-size", "2", "--eval-seq-length",
+            str(3 * TRAIN_LENGTH), "--eval-iters", "1", "--per-position-eval-iters", "1",
+            "--tensorboard-dir", str(root / "tb"), "--save", str(root / "checkpoint")]
+    return {"result": pretrain(argv, nproc=2), "tb": root / "tb", "checkpoint": str(root / "checkpoint")}
+
+
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory) -> str:
     """A small real-text corpus (JSON lines, two works) for multidoc and lm."""

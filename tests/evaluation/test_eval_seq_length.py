@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.evaluation.conftest import ROOT, TINY, TRAIN_LENGTH
+from tests.evaluation.conftest import TINY, TRAIN_LENGTH, pretrain
 
-EVAL_LENGTH = 3 * TRAIN_LENGTH
-
-
-def pretrain(argv: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                   f"--nproc_per_node={nproc}", "--standalone"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(launcher + [str(ROOT / "pretrain_mosaic.py"), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+EVAL_LENGTH = 3 * TRAIN_LENGTH  # conftest's cp_run uses the same
 
 
 def per_position_rows(tb_dir) -> list[dict]:
@@ -33,11 +22,15 @@ def per_position_rows(tb_dir) -> list[dict]:
     ("mosaic-v1", 2, ["--pipeline-model-parallel-size", "2"]),  # the pipeline's tensor shapes follow
     ("mosaic-v2", 2, ["--context-parallel-size", "2"]),  # long contexts split across CP ranks
 ])
-def test_per_position_pass_runs_at_the_eval_length(model, nproc, layout, tmp_path):
-    tb = tmp_path / "tb"
-    argv = [*TINY, "--model", model, "--eval-seq-length", str(EVAL_LENGTH), "--eval-iters", "1",
-            "--per-position-eval-iters", "1", "--tensorboard-dir", str(tb), *layout]
-    result = pretrain(argv, nproc)
+def test_per_position_pass_runs_at_the_eval_length(model, nproc, layout, tmp_path, request):
+    if "--context-parallel-size" in layout:  # the session's CP run (also scored by test_evaluate_cp)
+        run = request.getfixturevalue("cp_run")
+        result, tb = run["result"], run["tb"]
+    else:
+        tb = tmp_path / "tb"
+        argv = [*TINY, "--model", model, "--eval-seq-length", str(EVAL_LENGTH), "--eval-iters", "1",
+                "--per-position-eval-iters", "1", "--tensorboard-dir", str(tb), *layout]
+        result = pretrain(argv, nproc)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = per_position_rows(tb)
     assert [int(r["position"]) for r in rows] == list(range(EVAL_LENGTH))

@@ -1,8 +1,8 @@
 """tools/evaluate.py under context parallelism equals the single-process scores.
 
 ``torchrun --nproc_per_node=2`` (gloo, CP=2) runs the Megatron model's own CP path on tiny v1,
-v2 and GPT checkpoints; the single-process run scores the same checkpoints through the Hugging
-Face model. Tolerance: accuracies equal; log-likelihoods and losses to 1e-5 relative (fp32
+v2 and GPT checkpoints and on a v2 checkpoint trained and saved under CP=2; the single-process
+run scores the same checkpoints through the Hugging Face model (merged in memory). Tolerance: accuracies equal; log-likelihoods and losses to 1e-5 relative (fp32
 on both sides; only the summation order differs, e.g. the ring's log-sum-exp merge). Length 30
 is not a multiple of 2·CP: rows are padded after their end, which a causal model never reads.
 """
@@ -32,9 +32,11 @@ def results(out) -> dict[str, dict]:
     return {task: json.loads((out / f"{task}.json").read_text())[0] for task in TASKS}
 
 
-def test_context_parallel_scores_equal_single_process(tiny_checkpoints, small_text, tmp_path):
-    runs = {model: argv_for(tiny_checkpoints[model]["megatron"], tmp_path / "cp" / model, small_text)
-            for model in MODELS}
+def test_context_parallel_scores_equal_single_process(tiny_checkpoints, cp_run, small_text, tmp_path):
+    assert cp_run["result"].returncode == 0, cp_run["result"].stderr[-3000:]
+    loads = {model: tiny_checkpoints[model]["megatron"] for model in MODELS}
+    loads["mosaic-v2 saved under CP=2"] = cp_run["checkpoint"]
+    runs = {name: argv_for(load, tmp_path / "cp" / name, small_text) for name, load in loads.items()}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "evaluation" / "cp_evaluate.py"), json.dumps(list(runs.values()))]
@@ -42,8 +44,8 @@ def test_context_parallel_scores_equal_single_process(tiny_checkpoints, small_te
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("wrote ") > 0 and "context parallel over 2 ranks" in proc.stderr
-    for model in MODELS:
-        assert evaluate.main(argv_for(tiny_checkpoints[model]["megatron"], tmp_path / "one" / model, small_text)) == 0
+    for model, load in loads.items():
+        assert evaluate.main(argv_for(load, tmp_path / "one" / model, small_text)) == 0
         cp, one = results(tmp_path / "cp" / model), results(tmp_path / "one" / model)
         for task, spec in TASKS.items():
             assert cp[task]["context_parallel_size"] == 2 and "context_parallel_size" not in one[task]
