@@ -40,7 +40,7 @@ fi
   echo "# Applied as pip constraints by the Makefile. Regenerate: bash tools/lock_environment.sh"
   echo "# (then run 'make clean test' and commit the new lock with the suite's result)."
   if [ "$mode" = add ]; then
-    echo "# $(grep '^# Python' "$LOCK" | sed 's/^# //; s/\.$//'); extended $(date -u +%Y-%m-%d) by --add (no pin moved)."
+    echo "# $(grep '^# Python' "$LOCK" | sed 's/^# //; s/;.*$//; s/\.$//'); extended $(date -u +%Y-%m-%d) by --add (no pin moved)."
   else
     echo "# Python $("$work/venv/bin/python" -c 'import platform; print(platform.python_version())'), generated $(date -u +%Y-%m-%d)."
   fi
