@@ -7,6 +7,9 @@ spans, and scorers (pure data and scoring: no training code, no torch).
 - ``text_tasks``: multi-document retrieval on real text, in-context language modelling.
 - ``tasks``: the registry and seeded generation.
 - ``scoring``: exact-match answers, grouped accuracies, per-position loss.
+- ``model_runner`` / ``cp_runner``: forward passes on one process (HF model) or with the
+  sequence split over a context-parallel group (the Megatron model).
+- ``lm_eval_data`` (with ``lm_eval_tasks/``): the tasks as lm-evaluation-harness data.
 
 ``tools/make_eval_data.py`` writes the documents; ``tools/evaluate.py`` scores checkpoints.
 """
