@@ -96,6 +96,14 @@ def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[s
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _finish_param_gather(model_chunks: Sequence[torch.nn.Module]) -> None:
+    """--overlap-param-gather leaves the all-gather of the last step's parameters to the next
+    forward: finish it here, or other ranks' shards of the weights would be saved stale."""
+    for chunk in model_chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
+
+
 def _model_part(sharded: dict[str, Any]) -> dict[str, Any]:
     # Kept nested: virtual-pipeline chunks reuse local dict keys ("decoder.layers.0...").
     return {k: v for k, v in sharded.items() if k.startswith("model")}
@@ -166,6 +174,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.
         os.makedirs(staging)
     dist.barrier()
 
+    _finish_param_gather(model_chunks)
     state: dict[str, Any] = _model_sharded_state_dict(model_chunks)
     if save_rng:
         state["rng_state"] = _rng_sharded_object()

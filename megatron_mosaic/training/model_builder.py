@@ -153,12 +153,17 @@ def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> in
 
 
 def wrap_for_training(chunks: list[MegatronModule], use_distributed_optimizer: bool = False,
-                      overlap_grad_reduce: bool = False) -> list[DistributedDataParallel]:
+                      overlap_grad_reduce: bool = False,
+                      overlap_param_gather: bool = False) -> list[DistributedDataParallel]:
     """Megatron DDP around each chunk (fp32 grad buffers, reduced in finalize_model_grads;
     reduce-scattered into each DP rank's shard for Megatron's DistributedOptimizer). With
-    ``overlap_grad_reduce`` each bucket's reduction starts during the last micro-batch's backward."""
+    ``overlap_grad_reduce`` each bucket's reduction starts during the last micro-batch's backward;
+    with ``overlap_param_gather`` (distributed optimizer) the all-gather of the updated
+    parameters is left to DDP's forward pre-hooks: each bucket's is started asynchronously and
+    waited for just before the first module using it runs (and the next bucket's started)."""
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-                                               use_distributed_optimizer=use_distributed_optimizer)
+                                               use_distributed_optimizer=use_distributed_optimizer,
+                                               overlap_param_gather=overlap_param_gather)
     wrapped = [
         DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                 # Megatron-LM: only the first chunk's grads use buckets.

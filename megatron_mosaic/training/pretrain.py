@@ -67,7 +67,8 @@ class Run:
             check_checkpoint_matches(args)
         sharded = getattr(args, "use_distributed_optimizer", False)
         self.model = wrap_for_training(build_model(args), use_distributed_optimizer=sharded,
-                                       overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False))
+                                       overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False),
+                                       overlap_param_gather=getattr(args, "overlap_param_gather", False))
         self.optimizer = MegatronOptimizer(self.model, args)
         self.scheduler = build_scheduler(self.optimizer, args)
         if args.save:

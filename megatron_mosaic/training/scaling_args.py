@@ -27,7 +27,8 @@ def add_scaling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="start each gradient bucket's all-reduce / reduce-scatter during backward")
     g.add_argument("--overlap-param-gather", action="store_true",
-                   help="refused: the parameter all-gather runs after the optimizer step here")
+                   help="with --use-distributed-optimizer: all-gather each bucket's updated "
+                        "parameters during the next forward, just before they are used")
 
 
 def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], None]) -> None:
@@ -48,8 +49,9 @@ def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], No
     else:
         check(method is None and layers is None,
               "--recompute-method/--recompute-num-layers need --recompute-granularity full")
-    check(not args.overlap_param_gather, "--overlap-param-gather is not supported yet: the "
-          "distributed optimizer all-gathers parameters after its step (drop the flag)")
+    check(not args.overlap_param_gather or args.use_distributed_optimizer,
+          "--overlap-param-gather needs --use-distributed-optimizer (it overlaps that optimizer's "
+          "parameter all-gather with the next forward)")
     check(not args.use_distributed_optimizer or not args.bf16,
           "--use-distributed-optimizer with --bf16 is not supported yet (--bf16 is autocast here)")
     check(not args.sequence_parallel or args.tensor_model_parallel_size > 1,

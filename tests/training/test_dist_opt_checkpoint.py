@@ -1,10 +1,11 @@
 """--use-distributed-optimizer checkpoints (megatron-core dist_checkpointing, fully_reshardable).
 
-Dropout is off: RNG restore is tested by test_resume.py; here the optimizer state is. DP=2: a run stopped at step 3 and resumed gives the uninterrupted run's losses and weights
-exactly (fp32; the Adam step and moments round-trip bit for bit). A checkpoint saved at DP=2
+Dropout is off: RNG restore is tested by test_resume.py; here the optimizer state is. DP=2: a
+run stopped at step 3 and resumed (with --overlap-param-gather) gives the uninterrupted run's
+losses and weights exactly (fp32; the Adam step and moments round-trip bit for bit). A checkpoint saved at DP=2
 continues at DP=1 and one saved at DP=1 continues at DP=2: steps 4 and 5 (5 depends on the
-restored moments and step) match the run that saved it within 1e-5 relative (reduction order
-differs between DP sizes; measured differences are ~1e-7).
+restored moments and step) match the run that saved it within 1e-6 relative (reduction order
+differs between DP sizes; measured: at most 3e-8).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _dp2(rank: int, world_size: int, root: str) -> dict:
 
     straight = run_training("mosaic-v2", STRAIGHT + ["--save", ckpt(root, "dp2")], world_size)
     parallel_state.destroy_model_parallel()
-    command = DIST + ["--train-iters", "6", "--save", ckpt(root, "resumed"),
+    # With --overlap-param-gather: the save must finish the gather the next forward would do.
+    command = DIST + ["--overlap-param-gather", "--train-iters", "6", "--save", ckpt(root, "resumed"),
                       "--load", ckpt(root, "resumed"), "--exit-interval", "3"]
     first = run_training("mosaic-v2", command, world_size)
     parallel_state.destroy_model_parallel()
@@ -55,7 +57,7 @@ def _dp1_from_dp2(rank: int, world_size: int, root: str) -> list[float]:
 
 def _close(got: list[float], want: list[float], what: str) -> None:
     for step, (a, b) in enumerate(zip(got, want), start=4):
-        assert abs(a - b) <= 1e-5 * abs(b), f"{what} step {step}: {a} vs {b} ({abs(a - b) / b:.2e})"
+        assert abs(a - b) <= 1e-6 * abs(b), f"{what} step {step}: {a} vs {b} ({abs(a - b) / b:.2e})"
 
 
 def test_distributed_optimizer_checkpoints_resume_exactly_and_reshard_dp(tmp_path):

@@ -19,6 +19,9 @@ def _train(extra: list[str], world_size: int) -> dict:
     initialize_distributed(args)
     run = Run(args)
     run.fit()
+    for chunk in run.model:  # --overlap-param-gather: the last step's gather waits for a forward
+        if chunk.use_forward_hook:
+            chunk.start_param_sync(force_sync=True)
     optimizer = run.optimizer
     return {"losses": run.losses, "state_bytes": optimizer.state_bytes(),
             "sharded": getattr(optimizer, "sharded", False),
@@ -33,15 +36,23 @@ def _both(rank: int, world_size: int) -> dict:
     sharded = _train(["--use-distributed-optimizer"], world_size)
     parallel_state.destroy_model_parallel()
     overlap = _train(["--use-distributed-optimizer", "--overlap-grad-reduce"], world_size)
-    return {"plain": plain, "sharded": sharded, "overlap": overlap}
+    parallel_state.destroy_model_parallel()
+    gather = _train(["--use-distributed-optimizer", "--overlap-param-gather"], world_size)
+    return {"plain": plain, "sharded": sharded, "overlap": overlap, "gather": gather}
 
 
 def test_distributed_optimizer_matches_unsharded_at_dp2():
-    """Also with --overlap-grad-reduce (2 micro-batches per rank: the first skips the reduction)."""
+    """Also with --overlap-grad-reduce (2 micro-batches per rank: the first skips the reduction)
+    and with --overlap-param-gather (the parameter all-gather in the next forward's pre-hooks)."""
     for rank, runs in enumerate(run_distributed(_both, 2)):
         plain = runs["plain"]
-        for variant in ("sharded", "overlap"):
+        for variant in ("sharded", "overlap", "gather"):
             _check_same(rank, runs[variant], plain)
+        # --overlap-param-gather changes when the all-gather runs, not what it computes: every
+        # forward used the gathered weights (else a rank's loss would differ) -- bit for bit.
+        assert runs["gather"]["losses"] == runs["sharded"]["losses"], rank
+        for name, want in runs["sharded"]["params"].items():
+            assert torch.equal(runs["gather"]["params"][name], want), f"rank {rank} {name}"
 
 
 def _check_same(rank: int, sharded: dict, plain: dict) -> None:
