@@ -3,6 +3,7 @@ unsharded AdamW: same losses and weights over 5 steps, with half the optimizer s
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
@@ -67,3 +68,12 @@ def _check_same(rank: int, sharded: dict, plain: dict) -> None:
                                    msg=lambda m: f"rank {rank} {name}: {m}")
     ratio = sharded["state_bytes"] / plain["state_bytes"]
     assert 0.45 <= ratio <= 0.55, f"rank {rank}: sharded optimizer state is {ratio:.2f} of unsharded"
+
+
+def test_overlap_param_gather_needs_the_distributed_optimizer():
+    from megatron_mosaic.training.arguments import ArgumentError, build_parser, validate_args
+
+    argv = ["--mock-data", "--vocab-size", "64", "--overlap-param-gather"]
+    with pytest.raises(ArgumentError, match="--overlap-param-gather needs --use-distributed-optimizer"):
+        validate_args(build_parser().parse_args(argv), 2)
+    validate_args(build_parser().parse_args(argv + ["--use-distributed-optimizer"]), 2)
