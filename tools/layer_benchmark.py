@@ -65,8 +65,12 @@ def visible_pairs(kind: str, T: int, window: int, delay: int) -> float:
 
 
 def layer_flops(model: torch.nn.Module, kind: str, T: int, window: int, delay: int) -> float:
-    """Training FLOPs of the model's decoder layers for one T-token sequence."""
-    weights = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() >= 2)
+    """Training FLOPs of the model's decoder layers for one T-token sequence (the fused memory
+    projections' zero pad rows are computed but not counted: they do no useful work)."""
+    from megatron_mosaic.model.fused_projection import logical_tensors
+
+    params = logical_tensors(model, dict(model.named_parameters()))
+    weights = sum(p.numel() for n, p in params.items() if ".layers." in n and p.dim() >= 2)
     d = model.config.hidden_size
     per_token = 2.0 * weights + 4.0 * d * model.config.num_layers * visible_pairs(kind, T, window, delay)
     return 3.0 * per_token * T
