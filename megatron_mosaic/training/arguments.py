@@ -89,7 +89,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute; fp32 main "
+                   "parameters in the optimizer and fp32 gradients (Megatron-LM's --bf16)")
     g.add_argument("--fp8-format", choices=("e4m3", "hybrid"), default=None,
                    help="FP8 through Transformer Engine (needs CUDA and transformer-engine)")
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",

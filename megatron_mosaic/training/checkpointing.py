@@ -291,7 +291,7 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
     if optimizer is not None:
         saved_format = _check_optimizer_format(path, common, optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(_model_part(request),
-                                                            is_loading=True)
+                                                            is_loading=True, saved_format=saved_format)
     dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     same_layout = (
         saved_args.get("tensor_model_parallel_size") == parallel_state.get_tensor_model_parallel_world_size()

@@ -29,7 +29,8 @@ CUDA this module makes these work on the CPU so the same training loop (Megatron
    buffer and unit scale, ``optimizer/clip_grads.py``, ``core/utils.py``'s local multi-tensor
    l2 norm): the same ``torch`` proxy as for the schedules, in those three modules.
 7. ``param.type() == 'torch.cuda.FloatTensor'`` checks in ``DistributedOptimizer.
-   _build_model_and_main_param_groups`` and ``clip_grad_by_total_norm_fp32``: the two functions
+   _build_model_and_main_param_groups``, ``Float16OptimizerWithFloat16Params.__init__`` (``--bf16``)
+   and ``clip_grad_by_total_norm_fp32``: the functions
    are recompiled from their own source with the CPU type names (no other change), and
    ``optimizer.py``'s imported name of the latter is rebound.
 8. ``send_tensor.cuda()`` in ``DistributedOptimizer.get_parameter_state_dp_zero`` (the gather
@@ -96,7 +97,9 @@ _CPU_TYPE_NAMES = {"'torch.cuda.FloatTensor'": "'torch.FloatTensor'",
                    "'torch.cuda.HalfTensor'": "'torch.HalfTensor'",
                    "'torch.cuda.BFloat16Tensor'": "'torch.BFloat16Tensor'",
                    # only in get_parameter_state_dp_zero (patch 8)
-                   "send_tensor.cuda()": "send_tensor.to(torch.cuda.current_device())"}
+                   "send_tensor.cuda()": "send_tensor.to(torch.cuda.current_device())",
+                   # Float16OptimizerWithFloat16Params.__init__, compiled outside its class
+                   "super().__init__(": "MixedPrecisionOptimizer.__init__(self, "}
 _recompiled: dict[str, Any] = {}
 
 
@@ -149,6 +152,7 @@ def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
         _with_cpu_type_names(distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups)
         _with_cpu_type_names(clip_grads.clip_grad_by_total_norm_fp32)
         _with_cpu_type_names(distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero)
+        _with_cpu_type_names(optimizer_module.Float16OptimizerWithFloat16Params.__init__)
     build_groups = _recompiled["megatron.core.optimizer.distrib_optimizer."
                                "DistributedOptimizer._build_model_and_main_param_groups"]
     cpu_clip = _recompiled["megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32"]
@@ -167,6 +171,8 @@ def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
              build_groups),  # a classmethod: its decorator is part of the recompiled source
             (clip_grads, "clip_grad_by_total_norm_fp32", cpu_clip),
             (optimizer_module, "clip_grad_by_total_norm_fp32", cpu_clip),
+            (optimizer_module.Float16OptimizerWithFloat16Params, "__init__",
+             _recompiled["megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__"]),
         ],
         "optimizer_gather_device": [
             (distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero",

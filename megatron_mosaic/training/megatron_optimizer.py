@@ -32,10 +32,16 @@ from megatron_mosaic.training.optimizer import is_no_decay
 DISTRIBUTED_SHARDING = "fully_reshardable"
 
 
-def checkpoint_format(use_distributed_optimizer: bool) -> str:
-    """The name stored with a checkpoint's optimizer state (a load needs the same one)."""
-    return (f"megatron-distributed-{DISTRIBUTED_SHARDING}" if use_distributed_optimizer
-            else "megatron")
+def checkpoint_format(use_distributed_optimizer: bool, bf16: bool = False) -> str:
+    """The name stored with a checkpoint's optimizer state (``loads_formats`` says which a run
+    can load). The distributed format holds fp32 main weights whatever the model's dtype."""
+    if use_distributed_optimizer:
+        return f"megatron-distributed-{DISTRIBUTED_SHARDING}"
+    return "megatron-bf16" if bf16 else "megatron"
+
+
+# Formats with Adam moments per parameter but no fp32 main weights (the weights were fp32).
+_FP32_FORMATS = ("megatron", "mosaic-adamw")
 
 
 def _no_decay_overrides() -> dict:
@@ -62,7 +68,7 @@ class MegatronOptimizer:
         megatron_patches.apply()
         self.model_chunks = model_chunks
         self.sharded = bool(getattr(args, "use_distributed_optimizer", False))
-        bf16 = bool(getattr(args, "bf16", False)) and getattr(args, "bf16_params", False)
+        bf16 = bool(getattr(args, "bf16", False))
         config = OptimizerConfig(
             optimizer=getattr(args, "optimizer", "adam"), lr=args.lr, min_lr=args.min_lr,
             weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
@@ -75,11 +81,14 @@ class MegatronOptimizer:
         for optimizer in self._optimizers():
             if optimizer.init_state_fn is None:  # megatron-core 0.16.1 gives SGD none: no load
                 optimizer.init_state_fn = _init_sgd_state
-        self.format = checkpoint_format(self.sharded)
+        self.bf16 = bf16
+        self.format = checkpoint_format(self.sharded, bf16)
         # Checkpoints of the torch AdamW used before: same per-parameter moment tensors (keys
         # "optimizer.state.exp_avg.<parameter>"), only the common part is converted on load.
+        # An fp32 checkpoint continues under --bf16: its weights (loaded first) become the main
+        # parameters, rounded once to bf16 precision.
         convertible = not self.sharded and len(self._optimizers()) == 1
-        self.loads_formats = (self.format, "mosaic-adamw") if convertible else (self.format,)
+        self.loads_formats = (self.format,) + (_FP32_FORMATS if convertible else ())
 
     @property
     def param_groups(self) -> list[dict]:
@@ -130,16 +139,25 @@ class MegatronOptimizer:
         return total
 
     # ---- checkpointing -------------------------------------------------------------------
-    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> Any:
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
+                           saved_format: str = "") -> Any:
+        """What to save, or (``is_loading``) what to request from a checkpoint of ``saved_format``."""
         if self.sharded:
             return self.optimizer.sharded_state_dict(
                 model_sharded_state_dict, is_loading,
                 metadata={"distrib_optim_sharding_type": DISTRIBUTED_SHARDING})
-        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading)
+        state = self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading)
+        if is_loading and self.bf16 and saved_format in _FP32_FORMATS:
+            return state["optimizer"]  # moments only: there are no fp32 main weights to load
+        return state
 
     def load_state_dict(self, state_dict: Any, saved_format: str = "") -> None:
         if saved_format == "mosaic-adamw":
             state_dict = self._from_mosaic_adamw(state_dict)
+        if self.bf16 and saved_format in _FP32_FORMATS:
+            groups = self._optimizers()[0].float16_groups  # the model's (loaded) bf16 weights
+            state_dict = {"optimizer": state_dict,
+                          "fp32_from_fp16_params": [[p.detach().float() for p in g] for g in groups]}
         self.optimizer.load_state_dict(state_dict)
 
     def _from_mosaic_adamw(self, state_dict: dict) -> dict:
@@ -147,7 +165,8 @@ class MegatronOptimizer:
         into this optimizer's own structure already; its step moves into ``state`` (Megatron's
         place for it) and the param groups are this run's (the scheduler sets lr and decay)."""
         step = state_dict.pop("common_step", 0.0)
-        state_dict["param_groups"] = self.optimizer.state_dict()["param_groups"]  # one optimizer
+        fresh = self.optimizer.state_dict()  # one optimizer (loads_formats)
+        state_dict["param_groups"] = (fresh["optimizer"] if self.bf16 else fresh)["param_groups"]
         if step and any("exp_avg" in s for s in state_dict["state"].values()):
             state_dict["state"]["common_step"] = torch.tensor(float(step))
         return state_dict

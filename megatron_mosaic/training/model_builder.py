@@ -19,7 +19,7 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mosaic.training.arguments import args_from_dict
@@ -154,13 +154,17 @@ def pad_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> in
 
 def wrap_for_training(chunks: list[MegatronModule], use_distributed_optimizer: bool = False,
                       overlap_grad_reduce: bool = False,
-                      overlap_param_gather: bool = False) -> list[DistributedDataParallel]:
+                      overlap_param_gather: bool = False,
+                      bf16: bool = False) -> list[DistributedDataParallel]:
     """Megatron DDP around each chunk (fp32 grad buffers, reduced in finalize_model_grads;
     reduce-scattered into each DP rank's shard for Megatron's DistributedOptimizer). With
     ``overlap_grad_reduce`` each bucket's reduction starts during the last micro-batch's backward;
     with ``overlap_param_gather`` (distributed optimizer) the all-gather of the updated
     parameters is left to DDP's forward pre-hooks: each bucket's is started asynchronously and
     waited for just before the first module using it runs (and the next bucket's started)."""
+    if bf16:  # Megatron-LM's --bf16: bf16 weights (the optimizer keeps fp32 main copies)
+        chunks[0].config.bf16 = True  # one config object, shared by every chunk
+        chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
                                                use_distributed_optimizer=use_distributed_optimizer,
                                                overlap_param_gather=overlap_param_gather)

@@ -68,7 +68,8 @@ class Run:
         sharded = getattr(args, "use_distributed_optimizer", False)
         self.model = wrap_for_training(build_model(args), use_distributed_optimizer=sharded,
                                        overlap_grad_reduce=getattr(args, "overlap_grad_reduce", False),
-                                       overlap_param_gather=getattr(args, "overlap_param_gather", False))
+                                       overlap_param_gather=getattr(args, "overlap_param_gather", False),
+                                       bf16=args.bf16)
         self.optimizer = MegatronOptimizer(self.model, args)
         self.scheduler = build_scheduler(self.optimizer, args)
         if args.save:

@@ -52,7 +52,5 @@ def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], No
     check(not args.overlap_param_gather or args.use_distributed_optimizer,
           "--overlap-param-gather needs --use-distributed-optimizer (it overlaps that optimizer's "
           "parameter all-gather with the next forward)")
-    check(not args.use_distributed_optimizer or not args.bf16,
-          "--use-distributed-optimizer with --bf16 is not supported yet (--bf16 is autocast here)")
     check(not args.sequence_parallel or args.tensor_model_parallel_size > 1,
           "--sequence-parallel needs --tensor-model-parallel-size > 1")

@@ -1,9 +1,10 @@
 """bf16 trains v2 as fp32 does: the same pretrain_mosaic.py run (tiny v2 on the in-context
 mock data) with and without ``--bf16``, loss curves compared step by step.
 
-Under ``--bf16`` the projections and the SwiGLU run in bf16 while the scan, the retrieval
-scores and the softmax stay fp32 (memory/precision.py). The tolerances come from measuring
-this run on the CPU (see BF16_*); without the fp32 regions the scores of large-β memories are
+``--bf16`` is Megatron-LM's: bf16 parameters (Float16Module), fp32 main parameters in the
+optimizer and fp32 gradients. The projections and the SwiGLU run in bf16 while the scan, the
+retrieval scores and the softmax stay fp32 (memory/precision.py). The tolerances come from
+measuring this run on the CPU; without the fp32 regions the scores of large-β memories are
 rounded in steps of 0.5 and the curves drift further apart.
 """
 
@@ -44,8 +45,8 @@ def test_bf16_training_follows_fp32():
     tail = sum(bf16[-5:]) / 5 - sum(fp32[-5:]) / 5
     learned = sum(fp32[:3]) / 3 - sum(fp32[-5:]) / 5
     assert learned > 0.3, f"the fp32 run must learn for the comparison to mean anything ({learned:.3f} nats)"
-    # Measured on the CPU: this run (24 steps) had its largest per-step gap at 0.5% and its last
-    # losses within 0.002 nats on average; 4 layers over 60 steps stayed within 0.1% throughout.
-    # The bounds leave 4x room for other CPUs' bf16 GEMMs.
-    assert worst < 0.02, f"a bf16 step's loss is {worst:.2%} away from fp32's"
-    assert abs(tail) < 0.02, f"the last 5 bf16 losses average {tail:+.4f} nats from fp32's"
+    # Measured on the CPU with bf16 parameters: the largest per-step gap 2.3% (step 16), the last
+    # 5 losses +0.012 nats from fp32's on average (bf16 autocast over fp32 weights, before:
+    # 0.5% and 0.002). The bounds leave 2-3x room for other CPUs' and GPUs' bf16 GEMMs.
+    assert worst < 0.06, f"a bf16 step's loss is {worst:.2%} away from fp32's"
+    assert abs(tail) < 0.04, f"the last 5 bf16 losses average {tail:+.4f} nats from fp32's"

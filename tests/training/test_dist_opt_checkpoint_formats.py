@@ -3,7 +3,8 @@
 A checkpoint of the torch AdamW used before Megatron's optimizer (tests/training/data/
 checkpoint_v1, 3 Adam steps) loads into Megatron's FP32Optimizer with its moments and step;
 into the distributed optimizer (or the other way round) the load stops with one line naming
---no-load-optim, which then loads the weights with a fresh optimizer.
+--no-load-optim, which then loads the weights with a fresh optimizer. A --bf16 run resumes
+exactly (its checkpoint holds the fp32 main weights).
 """
 
 from __future__ import annotations
@@ -77,3 +78,27 @@ def test_old_optimizer_state_converts_or_is_refused_in_one_line():
     assert message is not None and "\n" not in message, message
     assert "--no-load-optim" in message and "torch AdamW of earlier versions" in message
     assert r["no_load_optim_iteration"] == 3
+
+
+def _bf16_resume(rank: int, world_size: int, root: str) -> dict:
+    from megatron.core import parallel_state
+
+    from tests.training.common import ckpt, run_training
+
+    bf16 = ["--bf16", "--train-iters", "4"]
+    straight = run_training("mosaic-v2", bf16, world_size)
+    parallel_state.destroy_model_parallel()
+    command = bf16 + ["--save", ckpt(root, "bf16"), "--load", ckpt(root, "bf16"), "--exit-interval", "2"]
+    first = run_training("mosaic-v2", command, world_size)
+    parallel_state.destroy_model_parallel()
+    second = run_training("mosaic-v2", command, world_size)
+    return {"straight": straight["losses"], "resumed": first["losses"] + second["losses"],
+            "weights_equal": all(torch.equal(straight["params"][k], second["params"][k])
+                                 for k in straight["params"])}
+
+
+def test_bf16_resume_is_exact(tmp_path):
+    """--bf16 checkpoints hold the fp32 main weights beside the bf16 ones: a resume is exact."""
+    (r,) = run_distributed(_bf16_resume, 1, str(tmp_path))
+    assert len(r["straight"]) == 4 and r["resumed"] == r["straight"], r
+    assert r["weights_equal"]
