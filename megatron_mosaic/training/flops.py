@@ -30,9 +30,11 @@ def matmul_weights(model_chunks: Sequence[torch.nn.Module], tied_output: int = 0
     """Matrix-weight elements applied once per token, over the whole model (all TP/PP ranks).
 
     ``tied_output``: hidden x vocab of an output layer that reuses the embedding (v1)."""
+    from megatron_mosaic.model.fused_projection import logical_tensors  # fused projections' pad: no useful work
+
     local = 0
     for chunk in model_chunks:
-        for name, param in chunk.named_parameters():
+        for name, param in logical_tensors(chunk, dict(chunk.named_parameters())).items():
             if param.ndim >= 2 and "word_embeddings" not in name and counts_toward_norm(param):
                 local += param.numel()
     total = torch.tensor(float(local), dtype=torch.float64)

@@ -130,3 +130,16 @@ def test_logical_view_round_trips():
     del logical["decoder.layers.0.contextual_memory.key_extractor.linear_key.weight"]
     with pytest.raises(KeyError, match="linear_key.weight"):
         fused_tensors(model, logical)
+
+
+def test_throughput_flops_count_no_pad_rows():
+    """--log-throughput's matrix weights (training/flops.py): the pad rows are computed but do no
+    useful work, so a v2 layer counts 2 memories x (W_φ, W_v: d x d; W_g, W_λ: H x d), W_o, SwiGLU."""
+    from megatron_mosaic.training.flops import matmul_weights
+
+    model = MosaicModel(tiny_config(2), VOCAB, eod_token_id=EOD)
+    assert all(m.pad > 0 for m in _projections(model))
+    c = model.config
+    d, h, f = c.hidden_size, c.num_attention_heads, c.ffn_hidden_size
+    per_layer = 2 * (2 * d * d + 2 * h * d) + 2 * d * d + 3 * d * f
+    assert matmul_weights([model]) == c.num_layers * per_layer + VOCAB * d  # + the untied output layer
