@@ -56,7 +56,13 @@ def _groups_schedule_and_clipping(rank: int, world_size: int) -> dict:
         inf_norm = optimizer.step()
         untouched = all(torch.equal(a, b) for a, b in zip(before, params)) and all(
             torch.equal(a, b) for a, b in zip(state_before, state())) and len(state_before) > 0
-        out[model] = {"decay": decay, "no_decay": no_decay, "lrs": lrs, "wds": wds,
+        # torch's AdamW picks its multi-tensor (foreach) kernels on CUDA unless told otherwise.
+        torch_adamw = optimizer._optimizers()[0].optimizer
+        from megatron_mosaic.training.megatron_patches import needed as torch_fallback
+
+        out[model] = {"foreach": (type(torch_adamw).__name__, torch_adamw.defaults.get("foreach"))
+                      if torch_fallback() else ("AdamW", None),  # TE/Apex: their fused Adam
+                      "decay": decay, "no_decay": no_decay, "lrs": lrs, "wds": wds,
                       "norm": norm, "expected_norm": expected, "clipped": clipped,
                       "inf_norm": inf_norm, "untouched": untouched}
     return out
@@ -84,3 +90,4 @@ def test_param_groups_schedule_and_clipping():
         assert math.isclose(r["norm"], r["expected_norm"], rel_tol=1e-6)
         assert math.isclose(r["clipped"], 0.5, rel_tol=1e-5)
         assert math.isinf(r["inf_norm"]) and r["untouched"], model
+        assert r["foreach"] == ("AdamW", None), r["foreach"]
