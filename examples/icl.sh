@@ -35,21 +35,25 @@ fi
 # are synthetic; multidoc plants facts in Shakespeare passages; lm is plain Shakespeare (words
 # hashed into the vocabulary). Validation is held-out Shakespeare (valid.jsonl). Evaluation
 # (tools/evaluate.py, seed 4321) draws fresh documents, and its real text is valid.jsonl.
-step "data: $TRAIN_DOCS documents per task, $LEN tokens, vocabulary $VOCAB (NullTokenizer, EOD = $VOCAB)"
+# A document is LEN - 1 ids and the EOD preprocessing appends: exactly one training sequence.
+# (Documents of LEN ids made every sequence start inside a document: half the recall queries
+# and most multidoc questions were trained without the pairs or facts they ask about.)
+step "data: $TRAIN_DOCS documents per task, $((LEN - 1)) ids + EOD, vocabulary $VOCAB (NullTokenizer, EOD = $VOCAB)"
 mkdir -p "$DATA"
+data() { echo "$DATA/${1}_l$((LEN - 1))_v${VOCAB}_s${SYMBOLS}_n${TRAIN_DOCS}"; }  # made again when a knob changes
 for task in recall fewshot multidoc lm valid; do
-    prefix="$DATA/$task"
+    prefix=$(data "$task")
     if [ -f "${prefix}_text_document.idx" ]; then continue; fi
     case $task in
         multidoc|lm) gen=("$task" --text "$TEXT/train.jsonl") ;;
         # Long validation documents: the per-position pass at --eval-seq-length needs
         # sequences that are one document, not several short ones packed.
-        valid) gen=(lm --text "$TEXT/valid.jsonl" --length "$((8 * LEN))" --num-docs 200) ;;
+        valid) gen=(lm --text "$TEXT/valid.jsonl" --length "$((8 * LEN - 1))" --num-docs 200) ;;
         *) gen=("$task") ;;
     esac
-    "$PY" tools/make_eval_data.py --seed 1 --num-docs "$TRAIN_DOCS" --length "$LEN" --vocab-size "$VOCAB" \
-        --num-symbols "$SYMBOLS" \
-        --output "$prefix.jsonl" "${gen[@]}" 2>/dev/null
+    "$PY" tools/make_eval_data.py --seed 1 --num-docs "$TRAIN_DOCS" --length "$((LEN - 1))" --vocab-size "$VOCAB" \
+        --num-symbols "$SYMBOLS" --output "$prefix.jsonl" "${gen[@]}" >/dev/null 2>"$prefix.log" \
+        || { cat "$prefix.log" >&2; exit 1; }  # its one-line error, without the progress lines
     "$PY" tools/preprocess_data.py --input "$prefix.jsonl" --output-prefix "$prefix" \
         --tokenizer-type NullTokenizer --vocab-size "$VOCAB" --append-eod --workers 2 >/dev/null
 done
@@ -57,9 +61,9 @@ done
 # One size for all three: 4 layers, d=128, 4 heads, SwiGLU 384 (v2, gpt); v1's persistent memory
 # matches the parameter count. v2's memories are scaled to the context as in the quickstart.
 COMMON=(
-    --train-data-path 0.35 "$DATA/recall_text_document" 0.2 "$DATA/fewshot_text_document"
-                      0.2 "$DATA/multidoc_text_document" 0.25 "$DATA/lm_text_document"
-    --valid-data-path "$DATA/valid_text_document"
+    --train-data-path 0.35 "$(data recall)_text_document" 0.2 "$(data fewshot)_text_document"
+                      0.2 "$(data multidoc)_text_document" 0.25 "$(data lm)_text_document"
+    --valid-data-path "$(data valid)_text_document"
     --tokenizer-type NullTokenizer --vocab-size "$VOCAB"
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 384
     --seq-length "$LEN" --eval-seq-length "$((8 * LEN))" --micro-batch-size 4 --global-batch-size 8
