@@ -202,10 +202,11 @@ def build_hf_model(config, state: Mapping[str, Tensor], model_cls, source: str):
 
 def generation_config_for(eod: int | None):
     """Stop at the end of the document. No pad id: EOD also occurs inside packed prompts, and a
-    pad id equal to a prompt token would make generate() mask that token out."""
+    pad id equal to a prompt token would make generate() mask that token out. No length: a
+    stored max_new_tokens overrides the max_length callers such as lm_eval pass."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(eos_token_id=eod, bos_token_id=None, do_sample=False, max_new_tokens=64)
+    return GenerationConfig(eos_token_id=eod, bos_token_id=None, do_sample=False)
 
 
 def null_tokenizer_vocab_size(args: Mapping[str, Any]) -> int | None:

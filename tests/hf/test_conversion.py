@@ -77,6 +77,15 @@ def test_cached_generation_of_exported_models_equals_recomputation(name, exporte
     assert torch.equal(cached, recomputed)
 
 
+def test_generation_honours_the_callers_max_length(exported):
+    """lm_eval's generate_until passes max_length (prompt + budget); the exported generation
+    config must not override it."""
+    model = load_auto(exported["v2_tp2"])
+    prompt = reference_tokens(SPECS["v2_tp2"][0])[:, :10]
+    out = model.generate(prompt, max_length=13, do_sample=False, eos_token_id=None)
+    assert out.shape[1] == 13
+
+
 def _generate_tool():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
     try:
