@@ -43,11 +43,6 @@ def check_scaling_args(args: argparse.Namespace, check: Callable[[bool, str], No
         check(method != "uniform" or layers is None or per_stage % layers == 0,
               f"--recompute-method uniform: --recompute-num-layers ({layers}) must divide the "
               f"layers per pipeline stage ({per_stage})")
-        # Megatron's CheckpointFunction does not replay autocast, under which --bf16 computes
-        # here (over bf16 weights): the recomputed layers would run their ops in other dtypes.
-        check(not args.bf16, "--recompute-granularity full with --bf16 is not supported yet: "
-                             "the forward runs under bf16 autocast, which Megatron's recompute "
-                             "does not replay")
     else:
         check(method is None and layers is None,
               "--recompute-method/--recompute-num-layers need --recompute-granularity full")
