@@ -1,6 +1,6 @@
 """Time forward + backward of one-layer Mosaic v2, Mosaic v1 and GPT-baseline models on the CPU.
 
-    python tools/bench_layers.py [--repeats 10] [--threads 1] [--profile]
+    python tools/bench_layers.py [--repeats 10] [--threads 1] [--compile] [--profile]
 
 Each model has one layer and a small vocabulary (256) so the layer dominates. Shapes: the
 quickstart micro-batch (B=2, T=256, d=128, H=4, SwiGLU 3d, window 64, delay 32) and a long one
@@ -8,7 +8,11 @@ quickstart micro-batch (B=2, T=256, d=128, H=4, SwiGLU 3d, window 64, delay 32) 
 with EOD-packed documents ("packed", document masking on). Times are medians of interleaved runs
 measured in this process; the ratios are to the GPT baseline of the same row: time (v/gpt),
 analytic training FLOPs of the layer (flop, tools/layer_benchmark.py) and their quotient (t/f:
-1.00 = the same time per FLOP as the GPT layer, the FLOP efficiency goal). Not a test.
+1.00 = the same time per FLOP as the GPT layer, the FLOP efficiency goal); "ops" counts the aten
+ops of one eager fwd+bwd step. ``--compile`` adds v1c/v2c columns: the same models with each
+key/value extractor's features (scan, key norm, value peek, norm) through torch.compile
+(inductor; needs gcc on the CPU); everything else, and the whole GPT baseline, stays eager, since
+the GPT layer has no such regions (its norms, SwiGLU and rotary are eager on both sides). Not a test.
 ``--profile`` prints the torch.profiler table of the v2 model at the quickstart shape (packed).
 """
 
@@ -28,15 +32,23 @@ SHAPES = {  # name: (B, T, d, H, window, delay)
 }
 
 
-def bench_shape(name: str, packed: bool, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(median ms per fwd+bwd step, analytic layer FLOPs) per model, measured in this process."""
-    from tools.layer_benchmark import build, layer_flops, time_models, tokens_for
+def bench_shape(name: str, packed: bool, repeats: int, compiled: bool = False
+                ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
+    """(median ms per fwd+bwd step, analytic layer FLOPs, aten ops per eager step) per model,
+    measured in this process. ``compiled`` adds v1c/v2c: the same seeded v1/v2 with their memory
+    feature regions through torch.compile (``compile_memory_features``), timed interleaved with
+    the eager models."""
+    from tools.layer_benchmark import aten_ops, build, compile_memory_features, layer_flops, time_models, tokens_for
 
     B, T, d, H, window, delay = SHAPES[name]
     models = {k: build(k, d, H, window, delay) for k in ("gpt", "v1", "v2")}
-    seconds = time_models(models, tokens_for(B, T, packed), delay, repeats)
-    flops = {k: B * layer_flops(m, k, T, window, delay) for k, m in models.items()}
-    return {k: 1000 * v for k, v in seconds.items()}, flops
+    if compiled:
+        models.update({k + "c": compile_memory_features(build(k, d, H, window, delay)) for k in ("v1", "v2")})
+    tokens = tokens_for(B, T, packed)
+    seconds = time_models(models, tokens, delay, repeats)
+    flops = {k: B * layer_flops(m, k.rstrip("c"), T, window, delay) for k, m in models.items()}
+    ops = {k: aten_ops(models[k], tokens, delay, bf16=False) for k in ("gpt", "v1", "v2")}
+    return {k: 1000 * v for k, v in seconds.items()}, flops, ops
 
 
 def profile_v2(rows: int) -> None:
@@ -60,6 +72,8 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time v1/v2 with their memory feature regions compiled (v1c, v2c)")
     parser.add_argument("--rows", type=positive_int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,17 +81,19 @@ def main() -> None:
         if args.profile:
             profile_v2(args.rows)
             return
+        extra = ["v1c", "v2c"] if args.compile else []
         print(f"{'shape':<11} {'docs':<7} {'gpt ms':>8} {'v1 ms':>8} {'v2 ms':>8} {'v1/gpt':>7} {'v2/gpt':>7} "
-              f"{'v1 flop':>8} {'v2 flop':>8} {'v1 t/f':>7} {'v2 t/f':>7}")
+              f"{'v1 flop':>8} {'v2 flop':>8} {'v1 t/f':>7} {'v2 t/f':>7} {'gpt ops':>8} {'v2 ops':>7}"
+              + "".join(f" {k + ' ms':>8} {k + ' t/f':>8}" for k in extra))
         for name in args.shapes:
             for packed in (False, True):
-                ms, flops = bench_shape(name, packed, args.repeats)
+                ms, flops, ops = bench_shape(name, packed, args.repeats, args.compile)
                 t = {k: ms[k] / ms["gpt"] for k in ms}
                 f = {k: flops[k] / flops["gpt"] for k in flops}
                 print(f"{name:<11} {'packed' if packed else 'single':<7} {ms['gpt']:8.1f} {ms['v1']:8.1f} "
                       f"{ms['v2']:8.1f} {t['v1']:7.2f} {t['v2']:7.2f} {f['v1']:8.2f} {f['v2']:8.2f} "
-                      f"{t['v1'] / f['v1']:7.2f} {t['v2'] / f['v2']:7.2f}", flush=True)
-
+                      f"{t['v1'] / f['v1']:7.2f} {t['v2'] / f['v2']:7.2f} {ops['gpt']:8d} {ops['v2']:7d}"
+                      + "".join(f" {ms[k]:8.1f} {t[k] / f[k]:8.2f}" for k in extra), flush=True)
 
 if __name__ == "__main__":
     if __package__ in (None, ""):  # run as a script: make the repository importable

@@ -40,6 +40,20 @@ def build(kind: str, d: int, heads: int, window: int, delay: int) -> torch.nn.Mo
     return MosaicModel(config, VOCAB, eod_token_id=EOD)
 
 
+def compile_memory_features(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each key/value extractor's ``features`` (scan, key norm, value peek and
+    norm: the memory's elementwise regions) run through torch.compile (inductor; on the CPU it
+    needs a C compiler), shapes static. Projections, retrieval, norms and the FFN stay eager, as
+    in the GPT baseline, so the comparison is the memory regions compiled against no change.
+    A no-op for the GPT baseline (it has no extractors)."""
+    from megatron_mosaic.model.extractors import GatedKeyExtractor, LeakyKeyExtractor, ValueExtractor
+
+    for module in model.modules():
+        if isinstance(module, (GatedKeyExtractor, LeakyKeyExtractor, ValueExtractor)):
+            module.features = torch.compile(module.features, dynamic=False)
+    return model
+
+
 def tokens_for(B: int, T: int, packed: bool) -> torch.Tensor:
     """Random tokens; ``packed``: EOD-separated documents of 37..300 tokens."""
     tokens = torch.randint(EOD + 1, VOCAB, (B, T), generator=torch.Generator().manual_seed(0))
