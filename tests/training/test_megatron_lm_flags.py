@@ -21,9 +21,8 @@ PENDING: dict[str, str] = {}
 DATA_FLAGS = {"--data-path", "--vocab-file", "--merge-file", "--tokenizer-type", "--tokenizer-model",
               "--vocab-size", "--mock-data"}
 NO_WANDB = importlib.util.find_spec("wandb") is None
-# Not yet for these scripts: sequence parallelism at their TP=1 (Megatron-LM only warns), the
-# distributed optimizer with --save (its checkpointing has not landed), parameter-gather overlap.
-SCALE_REFUSED = {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-param-gather"}
+# Not for these scripts: sequence parallelism at their TP=1 (Megatron-LM only warns).
+SCALE_REFUSED = {"--sequence-parallel"}
 LLAMA_REFUSED = SCALE_REFUSED | {"--group-query-attention", "--rotary-base", "--attention-backend",
                  "--apply-layernorm-1p", "--decoupled-lr", "--decoupled-min-lr",
                  "--grad-reduce-in-bf16", "--fp8-format", "--fp8-amax-history-len",
