@@ -43,8 +43,9 @@ def _common_config_fields(args: argparse.Namespace) -> dict[str, Any]:
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
-        # Weights stay fp32 (bf16 is autocast). Stages exchange activations in the compute
-        # dtype; the forward step casts each stage's output to it (see loop.make_forward_step).
+        # Built fp32 (identical initial draws for every precision); --bf16 casts the weights in
+        # wrap_for_training (Float16Module). Stages exchange activations in the compute dtype;
+        # the forward step casts each stage's output to it (see loop.make_forward_step).
         params_dtype=torch.float32,
         pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         # Full weights are drawn on the CPU, then split: identical initial models for every TP
