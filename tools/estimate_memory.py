@@ -78,19 +78,26 @@ class Layout:
     precision: str = "fp32"  # fp32 | bf16 | fp8
 
 
+def _fused(width: float) -> float:
+    """A memory's fused projection width on one TP rank, padded for FP8 GEMMs
+    (model/fused_projection.py): the pad rows are allocated, trained (at zero) and stored."""
+    return -(-width // 16) * 16
+
+
 def layer_parameters(m: Model, tp: int) -> float:
     """Parameters of one layer on one TP rank (TP-split matrices and per-head scalars)."""
     d, h, f = m.hidden, m.heads, m.ffn
     if m.kind == "mosaic-v2":
-        memory = 2 * d * d + 2 * d * h + 5 * h  # W_k, W_v, W_g, W_lambda, 5 per-head scalars
-        sharded, replicated = 2 * memory + 2 * d * d + 3 * d * f, 2 * d
-    elif m.kind == "mosaic-v1":
+        # Per memory: one fused [W_k; W_v; W_g; W_lambda] GEMM and 5 per-head scalars.
+        memory = _fused((2 * d + 2 * h) / tp) * d + 5 * h / tp
+        return 2 * memory + (2 * d * d + 3 * d * f) / tp + 2 * d
+    if m.kind == "mosaic-v1":
         p = m.persistent_memory_size or round(3.5 * d)
-        sharded = 5 * d * d + 2 * p * d + 7 * h + 3 * d  # 3 column biases
+        # Fused [W_k; W_v] of the contextual memory and W_k of the persistent one, with biases.
+        fused = (_fused(2 * d / tp) + _fused(d / tp)) * (d + 1)
         replicated = 2 * d + 2 * 2 * d  # 2 row biases, 2 LayerNorms (weight + bias)
-    else:
-        sharded, replicated = 4 * d * d + 3 * d * f, 2 * d
-    return sharded / tp + replicated
+        return fused + (2 * d * d + 2 * p * d + 7 * h) / tp + replicated
+    return (4 * d * d + 3 * d * f) / tp + 2 * d
 
 
 def stage_parameters(m: Model, lay: Layout, first: bool, last: bool) -> float:
