@@ -26,7 +26,8 @@ def leaky_keys(scaled: Tensor, log_scale: Tensor, key_scale: Tensor, scale_pow: 
     """
     averaged = scaled.float() * log_scale.exp()
     exponent = (scale_pow * 10.0 * key_scale.float()).clamp(max=key_scale_max)
-    return unit_norm(averaged, eps) * exponent.exp().view(1, -1, 1, 1)
+    # the scale divided by the norm per row first: one pass over the (B, H, T, D) keys, not two
+    return averaged * (exponent.exp().view(1, -1, 1, 1) / (averaged.norm(dim=-1, keepdim=True) + eps))
 
 
 def gated_unit_keys(scaled: Tensor) -> Tensor:
@@ -65,4 +66,6 @@ def value_scale(theta: Tensor, version: int) -> Tensor:
 
 def finish_values(mixed: Tensor, theta: Tensor, version: int, eps: float = 1e-10) -> Tensor:
     """Values from the peeked mix: Norm(c ṽ_t + (1-c) ṽ_{t+1}) · scale_h."""
-    return unit_norm(mixed.float(), eps) * value_scale(theta, version)
+    mixed = mixed.float()
+    # scale_h / (‖·‖ + eps) per row first: one pass over the (B, H, T, D) values, not two
+    return mixed * (value_scale(theta, version) / (mixed.norm(dim=-1, keepdim=True) + eps))

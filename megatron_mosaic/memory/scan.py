@@ -48,7 +48,14 @@ class RecurrenceState:
 def _log_combine(v1: Tensor, l1: Tensor, v2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
     """v1·e^l1 + v2·e^l2 as (v, l); l1 must be finite, l2 may be -inf."""
     l = torch.maximum(l1, l2)
-    return v1 * torch.exp(l1 - l) + v2 * torch.exp(l2 - l), l
+    # addcmul: the product and sum in one op (eager, each op is a dispatch and a pass over memory)
+    return torch.addcmul(v1 * torch.exp(l1 - l), v2, torch.exp(l2 - l)), l
+
+
+def _triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(upper, strictly upper) C×C bool masks: the [t, s] pairs with s >= t and with s > t."""
+    upper = torch.ones(C, C, dtype=torch.bool, device=device).triu()
+    return upper, upper.triu(1)
 
 
 def _scan_fp32(
@@ -74,7 +81,7 @@ def _scan_fp32(
         r = resets.view(B, 1, N, C, 1)
         # The decay at a reset multiplies a dropped state: zero it so cumsums stay finite.
         a = a.view(B, H, N, C, 1).masked_fill(r, 0.0)
-        seg = r.to(torch.int32).cumsum(dim=3)  # (B,1,N,C,1): number of resets in [chunk start, t]
+        seg = r.cumsum(dim=3, dtype=torch.int32)  # (B,1,N,C,1): number of resets in [chunk start, t]
     else:
         a = a.view(B, H, N, C, 1)
         seg = None
@@ -82,13 +89,12 @@ def _scan_fp32(
 
     # Intra-chunk weights log w[t, s] = g_s + Σ_{s<u≤t} a_u, s ≤ t, same segment. The segment sum
     # is summed directly (not A_t - A_s): no cancellation error when |A| is large (upper levels).
-    strict = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1)  # [u, s]: u > s
-    seg_sum = torch.where(strict, a, torch.zeros((), dtype=a.dtype, device=a.device)).cumsum(dim=-2)
+    not_strict, hidden = _triangles(C, x.device)  # [u, s]: u <= s; [t, s]: s > t
+    seg_sum = a.masked_fill(not_strict, 0.0).cumsum(dim=-2)  # a_u where u > s, 0 elsewhere
     logw = seg_sum + g.transpose(-1, -2)  # (B,H,N,C,C)
-    visible = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
-    if seg is not None:
-        visible = visible & (seg == seg.transpose(-1, -2))
-    logw = logw.masked_fill(~visible, float("-inf"))
+    if seg is not None:  # also hidden: s in an earlier segment than t
+        hidden = hidden | (seg != seg.transpose(-1, -2))
+    logw = logw.masked_fill(hidden, float("-inf"))
     m = logw.amax(dim=-1, keepdim=True)  # finite: the diagonal g_t is always visible
     scaled = torch.matmul(torch.exp(logw - m), x)  # (B,H,N,C,D)
 
@@ -99,9 +105,9 @@ def _scan_fp32(
             scaled[:, :, :, -1], A[:, :, :, -1], m[:, :, :, -1], chunk_resets, init, max(chunk, 2)
         )
         in_v, in_l = end_v[:, :, :-1], end_l[:, :, :-1]  # (B,H,N-1,·)
-        if init is None:
-            in_v = torch.cat([torch.zeros_like(in_v[:, :, :1]), in_v], dim=2)
-            in_l = torch.cat([torch.full_like(in_l[:, :, :1], float("-inf")), in_l], dim=2)
+        if init is None:  # chunk 0 starts from a zero state (log scale -inf); pad: one op each
+            in_v = torch.nn.functional.pad(in_v, (0, 0, 1, 0))
+            in_l = torch.nn.functional.pad(in_l, (0, 0, 1, 0), value=float("-inf"))
         else:
             in_v = torch.cat([init[0].unsqueeze(2), in_v], dim=2)
             in_l = torch.cat([init[1].unsqueeze(2), in_l], dim=2)

@@ -26,24 +26,23 @@ def peek_values(
     if values.dim() != 4:
         raise ValueError(f"peek_values: values must be (B, H, T, D), got shape {tuple(values.shape)}")
     B, H, T, D = values.shape
-    if next_value is None:
-        tail = values.new_zeros(B, H, 1, D)
+    if next_value is not None and next_value.shape != (B, H, 1, D):
+        raise ValueError(f"peek_values: next_value must be (B, H, 1, D) = {(B, H, 1, D)}, "
+                         f"got {tuple(next_value.shape)}")
+    if resets is not None and resets.shape != (B, T):
+        raise ValueError(f"peek_values: resets must be (B, T) = {(B, T)}, got {tuple(resets.shape)}")
+    if next_resets is not None and next_resets.shape != (B,):
+        raise ValueError(f"peek_values: next_resets must be (B,) = {(B,)}, got {tuple(next_resets.shape)}")
+    nxt = values[:, :, 1:]
+    if resets is not None:
+        # masked_fill (not multiply) so a non-finite ṽ of the next document cannot leak in.
+        nxt = nxt.masked_fill(resets[:, None, 1:, None], 0.0)
+    if next_value is None:  # ṽ_T = 0: a zero pad, one op (no zeros + cat)
+        nxt = torch.nn.functional.pad(nxt, (0, 0, 0, 1))
     else:
-        if next_value.shape != (B, H, 1, D):
-            raise ValueError(f"peek_values: next_value must be (B, H, 1, D) = {(B, H, 1, D)}, "
-                             f"got {tuple(next_value.shape)}")
         tail = next_value.to(values.dtype)
-    nxt = torch.cat([values[:, :, 1:], tail], dim=2)
-    if resets is not None or next_resets is not None:
-        if resets is not None and resets.shape != (B, T):
-            raise ValueError(f"peek_values: resets must be (B, T) = {(B, T)}, got {tuple(resets.shape)}")
-        if next_resets is not None and next_resets.shape != (B,):
-            raise ValueError(f"peek_values: next_resets must be (B,) = {(B,)}, got {tuple(next_resets.shape)}")
-        starts = torch.zeros(B, T, dtype=torch.bool, device=values.device)
-        if resets is not None:
-            starts[:, :-1] = resets[:, 1:]
         if next_resets is not None:
-            starts[:, -1] = next_resets
-        # where (not multiply) so a non-finite ṽ of the next document cannot leak in.
-        nxt = torch.where(starts[:, None, :, None], torch.zeros((), dtype=nxt.dtype, device=nxt.device), nxt)
-    return mix * values + (1 - mix) * nxt
+            tail = tail.masked_fill(next_resets[:, None, None, None], 0.0)
+        nxt = torch.cat([nxt, tail], dim=2)
+    # mix·ṽ_t + (1 - mix)·ṽ_{t+1} with the product and sum in one op (addcmul)
+    return torch.addcmul((1 - mix) * nxt, mix, values)
