@@ -48,6 +48,14 @@ def logical_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return logical_tensors(model, dict(model.named_parameters()))
 
 
+def logical_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients by parameter name, each fused projection's split into its parts (which carry
+    the TP attributes, so TP=2 and TP=1 compare part by part whatever the padding)."""
+    from megatron_mosaic.model.fused_projection import logical_tensors
+
+    return logical_tensors(model, {n: p.grad for n, p in model.named_parameters()})
+
+
 def is_glu_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
 

@@ -19,9 +19,8 @@ from megatron.core.dist_checkpointing.validation import determine_global_metadat
 
 from megatron_mosaic.model import MosaicModel, build_gpt_baseline, sample_long_term_delay
 from tests.distributed import run_distributed
-from megatron_mosaic.model.fused_projection import logical_tensors
 from tests.model.helpers import (
-    EOD, VOCAB, gather_full, logical_parameters, packed_tokens, randomize_per_head_, shard_of, tiny_config,
+    EOD, VOCAB, gather_full, logical_grads, logical_parameters, packed_tokens, randomize_per_head_, shard_of, tiny_config,
     tiny_gpt_config,
 )
 
@@ -69,12 +68,6 @@ def _check_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol}"
 
 
-def _grads(model) -> dict:
-    """Gradients by parameter name, each fused projection's split into its parts (which carry
-    the TP attributes, so TP=2 and TP=1 compare part by part whatever the padding)."""
-    return logical_tensors(model, {n: p.grad for n, p in model.named_parameters()})
-
-
 def _references() -> dict:
     """TP=1 loss, weights and gradients of every model kind (identical on both ranks)."""
     tokens, labels = _batch()
@@ -89,7 +82,7 @@ def _references() -> dict:
             initial=initial,
             loss=loss.detach(),
             params={n: p.detach().clone() for n, p in logical_parameters(model).items()},
-            grads={n: g.clone() for n, g in _grads(model).items()},
+            grads={n: g.clone() for n, g in logical_grads(model).items()},
         )
     return refs
 
@@ -110,7 +103,7 @@ def _check_tensor_parallel(rank: int, refs: dict) -> None:
         loss = model(tokens, labels=labels, long_term_delay=DELAY)
         _check_close(loss.detach(), ref["loss"], f"{kind} TP=2 loss")
         loss.mean().backward()
-        for name, grad in _grads(model).items():
+        for name, grad in logical_grads(model).items():
             p = names[name]  # the (logical) parameter: its TP attributes say how to gather
             tol = HEAD_SCALAR_TOL if _is_head_scalar(name, p) else REL_TOL
             _check_close(gather_full(name, p, grad, group), ref["grads"][name], f"{kind} TP=2 grad {name}", tol)
@@ -181,7 +174,7 @@ def _check_pipeline_parallel(rank: int, refs: dict) -> None:
             _check_close(loss.detach(), ref["loss"], f"{kind} PP=2 loss")
             loss.mean().backward()
             dist.send(received.grad.contiguous(), dst=0)
-        for name, grad in _grads(model).items():
+        for name, grad in logical_grads(model).items():
             if kind == "v1" and name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 grad = grad.clone()  # tied weight: its gradient is the sum over both stages
                 dist.all_reduce(grad)

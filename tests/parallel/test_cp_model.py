@@ -23,7 +23,8 @@ from megatron_mosaic.parallel import (
 )
 from tests.distributed import run_distributed
 from tests.model.helpers import (
-    EOD, VOCAB, gather_full, packed_tokens, randomize_per_head_, shard_of, tiny_config, tiny_gpt_config,
+    EOD, VOCAB, gather_full, logical_grads, logical_parameters, packed_tokens, randomize_per_head_, shard_of,
+    tiny_config, tiny_gpt_config,
 )
 from tests.parallel import test_cp_memory
 from tests.parallel.cp_checks import assert_close
@@ -69,10 +70,11 @@ def _references(kinds: list[str]) -> dict:
         delay = KINDS[kind][2]
         per_token = model(batch["tokens"], labels=batch["labels"], long_term_delay=delay)
         per_token.mean().backward()
+        # Fused projections seen as their separate linears: TP slicing applies part by part.
         refs[kind] = {
             "loss": per_token.detach(),
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+            "params": {n: p.detach().clone() for n, p in logical_parameters(model).items()},
+            "grads": {n: g.detach().clone() for n, g in logical_grads(model).items() if g is not None},
         }
     parallel_state.destroy_model_parallel()
     return refs
@@ -83,8 +85,9 @@ def _check_cp_model(kind: str, ref: dict, tp: int, cp: int) -> dict:
     tp_group, cp_group = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_context_parallel_group()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     model = _build(kind, tp=tp, cp=cp)
+    params = logical_parameters(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in params.items():
             p.copy_(shard_of(name, p, ref["params"][name], tp_rank, tp))
     batch = slice_batch_for_cp_rank(_batch(), eod_token_id=EOD)
     per_token = model(batch["tokens"], labels=batch["labels"], layout=batch["layout"], long_term_delay=KINDS[kind][2])
@@ -98,7 +101,9 @@ def _check_cp_model(kind: str, ref: dict, tp: int, cp: int) -> dict:
     model_scale = max(g.abs().max().item() for g in ref["grads"].values())
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{kind}: {name} got no gradient"
-        grad = p.grad.detach().clone()
+    for name, local in logical_grads(model).items():
+        p = params[name]  # the (logical) parameter: its TP attributes say how to gather
+        grad = local.detach().clone()
         dist.all_reduce(grad, group=cp_group)
         grad = gather_full(name, p, grad, tp_group)
         want = ref["grads"][name]
