@@ -9,7 +9,8 @@ Common state: ``args`` (every run argument), ``iteration``, ``consumed_samples``
 and the optimizer's hyper-parameters. Sharded state: ``model`` (``model.sharded_state_dict()``,
 or ``model0``, ``model1``... for virtual pipeline chunks), ``optimizer`` (Megatron's optimizer:
 Adam moments, and with the distributed optimizer master weights, shaped like their parameters;
-``optimizer_format`` names the optimizer, which a load requires to match) and ``rng_state``
+``optimizer_format`` names the optimizer; a load checks that this run's optimizer can read it,
+the distributed and the plain one read each other's) and ``rng_state``
 (python, numpy, torch and CUDA states of every rank).
 Tensors are stored by global key and offset, so a checkpoint loads under another DP, TP or PP
 layout (RNG states are restored only when TP, PP and DP x CP match).

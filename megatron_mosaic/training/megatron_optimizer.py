@@ -42,6 +42,13 @@ def checkpoint_format(use_distributed_optimizer: bool, bf16: bool = False) -> st
 
 # Formats with Adam moments per parameter but no fp32 main weights (the weights were fp32).
 _FP32_FORMATS = ("megatron", "mosaic-adamw")
+# Megatron's plain optimizer (fp32 weights, or bf16 with fp32 main copies saved beside them).
+_PLAIN_FORMATS = ("megatron", "megatron-bf16")
+_DISTRIBUTED_FORMAT = checkpoint_format(True)
+# The request for a checkpoint of the other optimizer sits under this key of the optimizer's
+# part: the loaded dict is the saved one's non-tensor part merged with the request, and the
+# saved structure has no such key to collide with.
+_CROSS = "cross_format_state"
 
 
 def _no_decay_overrides() -> dict:
@@ -87,8 +94,14 @@ class MegatronOptimizer:
         # "optimizer.state.exp_avg.<parameter>"), only the common part is converted on load.
         # An fp32 checkpoint continues under --bf16: its weights (loaded first) become the main
         # parameters, rounded once to bf16 precision.
-        convertible = not self.sharded and len(self._optimizers()) == 1
-        self.loads_formats = (self.format,) + (_FP32_FORMATS if convertible else ())
+        single = len(self._optimizers()) == 1 and config.optimizer == "adam"
+        convertible = not self.sharded and single
+        # The distributed and the plain optimizer store the same model-shaped moments (keys
+        # "optimizer.state.exp_avg.<parameter>"); only the step, the fp32 main weights and the
+        # structure around them differ, which ``_cross_request``/``_load_cross`` translate. Only
+        # Adam, and one optimizer: the distributed state is indexed by position in its buffers.
+        crossing = (_PLAIN_FORMATS if self.sharded else (_DISTRIBUTED_FORMAT,)) if single else ()
+        self.loads_formats = (self.format,) + (_FP32_FORMATS if convertible else ()) + crossing
 
     @property
     def param_groups(self) -> list[dict]:
@@ -142,6 +155,9 @@ class MegatronOptimizer:
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False,
                            saved_format: str = "") -> Any:
         """What to save, or (``is_loading``) what to request from a checkpoint of ``saved_format``."""
+        if is_loading and saved_format != self.format and (
+                saved_format == _DISTRIBUTED_FORMAT or (self.sharded and saved_format in _PLAIN_FORMATS)):
+            return {_CROSS: self._cross_request(model_sharded_state_dict, saved_format)}
         if self.sharded:
             return self.optimizer.sharded_state_dict(
                 model_sharded_state_dict, is_loading,
@@ -152,6 +168,8 @@ class MegatronOptimizer:
         return state
 
     def load_state_dict(self, state_dict: Any, saved_format: str = "") -> None:
+        if isinstance(state_dict, dict) and _CROSS in state_dict:
+            return self._load_cross(state_dict, saved_format)
         if saved_format == "mosaic-adamw":
             state_dict = self._from_mosaic_adamw(state_dict)
         if self.bf16 and saved_format in _FP32_FORMATS:
@@ -170,3 +188,107 @@ class MegatronOptimizer:
         if step and any("exp_avg" in s for s in state_dict["state"].values()):
             state_dict["state"]["common_step"] = torch.tensor(float(step))
         return state_dict
+
+    # ---- checkpoints of the other optimizer (distributed <-> plain) --------------------------
+    def _main_params(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """(model parameter, fp32 main parameter) pairs of the plain optimizer; the two are one
+        tensor where the weights are fp32."""
+        optimizer = self._optimizers()[0]
+        if hasattr(optimizer, "float16_groups"):  # Float16OptimizerWithFloat16Params (--bf16)
+            pairs = [(m, f) for mg, fg in zip(optimizer.float16_groups,
+                                              optimizer.fp32_from_float16_groups)
+                     for m, f in zip(mg, fg)]
+            return pairs + [(p, p) for g in optimizer.fp32_from_fp32_groups for p in g]
+        return [(p, p) for g in optimizer.optimizer.param_groups for p in g["params"]]
+
+    def _distributed_params(self) -> list[torch.nn.Parameter]:
+        """Model parameters in the order of the distributed optimizer's ``param_state`` indices
+        (``sharded_param_state_fully_reshardable``: buffer by buffer, each in index-map order)."""
+        return [p for buffer in self._optimizers()[0].buffers for p in buffer.param_index_map]
+
+    def _cross_request(self, model_sharded_state_dict: dict, saved_format: str) -> dict:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+        from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+        one = self._optimizers()[0]  # the only one (loads_formats)
+        if self.sharded:
+            # This optimizer's own request (it allocates the state), the fp32 main weights
+            # renamed to where the plain optimizer kept them: "fp32_param" under --bf16; an fp32
+            # run saved none (they were the weights, loaded with the model: _load_cross).
+            request = one.sharded_state_dict(
+                model_sharded_state_dict, True,
+                metadata={"distrib_optim_sharding_type": DISTRIBUTED_SHARDING})["param_state"]
+            for tensors in request.values():
+                main = tensors.pop("param")
+                if saved_format == "megatron-bf16":
+                    tensors["param"] = _replace_key(main, "optimizer.state.param.",
+                                                   "optimizer.state.fp32_param.")
+            return request
+        # Plain optimizer, distributed checkpoint: moments (and fp32 main weights under --bf16)
+        # stored shaped like the parameter under the same keys a plain save would give them.
+        one.init_state_fn(one.optimizer, one.config)
+        model, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+        by_param = {id(sh.data): sh for sh in nested_values(model)}
+        request = {}
+        for index, (model_param, main_param) in enumerate(self._main_params()):
+            names = ("exp_avg", "exp_avg_sq") + (("param",) if main_param is not model_param else ())
+            request[index] = {name: make_sharded_optimizer_tensor(
+                by_param[id(model_param)], torch.empty_like(main_param, dtype=torch.float32),
+                f"optimizer.state.{name}") for name in names}
+        return request
+
+    def _load_cross(self, state_dict: dict, saved_format: str) -> None:
+        loaded = state_dict[_CROSS]
+        step = _saved_step(state_dict, saved_format)
+        one = self._optimizers()[0]  # the only one (loads_formats)
+        if self.sharded:
+            fresh = one.state_dict()
+            for group in fresh["optimizer"]["param_groups"]:
+                group["step"] = step  # where this optimizer keeps torch Adam's shared step
+            for index, model_param in enumerate(self._distributed_params()):
+                # An fp32 plain checkpoint's main weights are the model's (loaded already).
+                loaded[index].setdefault("param", model_param.detach().float())
+            fresh["param_state"] = loaded
+            fresh["param_state_sharding_type"] = DISTRIBUTED_SHARDING
+            one.load_state_dict(fresh)
+            return
+        inner = one.optimizer
+        for index, (model_param, main_param) in enumerate(self._main_params()):
+            tensors = loaded[index]
+            if "param" in tensors:
+                main_param.data.copy_(tensors["param"])
+            state = inner.state[main_param]
+            state["exp_avg"].copy_(tensors["exp_avg"])
+            state["exp_avg_sq"].copy_(tensors["exp_avg_sq"])
+            # torch's Adam keeps a step tensor per parameter and increments it in place:
+            # each its own (megatron_patches: shared_step).
+            state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def _replace_key(sharded: Any, old_prefix: str, new_prefix: str) -> Any:
+    """``sharded`` (a ShardedTensor or factory) under the key with ``old_prefix`` replaced."""
+    from dataclasses import replace
+
+    assert sharded.key.startswith(old_prefix), sharded.key
+    return replace(sharded, key=new_prefix + sharded.key[len(old_prefix):])
+
+
+def _saved_step(state_dict: dict, saved_format: str) -> float:
+    """The Adam step of a checkpoint: the distributed optimizer keeps it in its param groups,
+    the plain one as ``common_step`` in its state (absent before the first step)."""
+    from megatron_mosaic.training.checkpointing import CheckpointMismatchError  # one-line error
+
+    try:
+        if saved_format == _DISTRIBUTED_FORMAT:
+            steps = {float(g["step"]) for g in state_dict["optimizer"]["param_groups"] if "step" in g}
+        else:
+            inner = state_dict["optimizer"] if saved_format == "megatron-bf16" else state_dict
+            steps = {float(inner["state"].get("common_step", 0.0))}
+    except (KeyError, TypeError) as err:  # e.g. saved by several chained optimizers
+        raise CheckpointMismatchError(f"the {saved_format} optimizer state has no single Adam step where one "
+                         f"optimizer keeps it ({err!r}); pass --no-load-optim") from None
+    if len(steps) != 1:
+        raise CheckpointMismatchError(f"the {saved_format} optimizer state holds steps {sorted(steps)}; "
+                         f"pass --no-load-optim")
+    return steps.pop()

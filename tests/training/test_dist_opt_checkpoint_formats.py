@@ -2,8 +2,9 @@
 
 A checkpoint of the torch AdamW used before Megatron's optimizer (tests/training/data/
 checkpoint_v1, 3 Adam steps) loads into Megatron's FP32Optimizer with its moments and step;
-into the distributed optimizer (or the other way round) the load stops with one line naming
---no-load-optim, which then loads the weights with a fresh optimizer. A --bf16 run resumes
+into the distributed optimizer the load stops with one line naming --no-load-optim, which then
+loads the weights with a fresh optimizer (the distributed and the plain optimizer load each
+other's checkpoints: test_dist_opt_checkpoint_cross.py). A --bf16 run resumes
 exactly (its checkpoint holds the fp32 main weights).
 """
 
