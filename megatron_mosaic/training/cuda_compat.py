@@ -44,20 +44,19 @@ CPU); when an upgrade makes one unnecessary that test fails and the patch should
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import textwrap
 import types
-import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+
+from megatron_mosaic.training.patch_set import PatchSet
 
 # The megatron-core version these patches were written and tested against.
 TESTED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
 
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
-_original: dict[str, Any] = {}
 
 
 def _cpu_current_device() -> str:
@@ -182,51 +181,7 @@ def _targets() -> dict[str, list[tuple[Any, str, Any]]]:
     }
 
 
-def is_active() -> bool:
-    """True when the CPU patches are in place."""
-    return bool(_original)
-
-
-def apply() -> bool:
-    """Install the CPU patches if CUDA is absent. Idempotent. Returns whether they are active."""
-    if torch.cuda.is_available():
-        return False
-    from megatron.core import package_info
-
-    if not _original and package_info.__version__ not in TESTED_MEGATRON_CORE_VERSIONS:
-        warnings.warn(
-            f"megatron_mosaic.training.cuda_compat was tested with megatron-core "
-            f"{TESTED_MEGATRON_CORE_VERSIONS}, found {package_info.__version__}: run "
-            f"tests/training/test_cuda_compat.py to check which CPU patches are still needed",
-            stacklevel=2,
-        )
-    for name, targets in _targets().items():
-        if name not in _original:
-            # getattr_static keeps a staticmethod a staticmethod when it is put back.
-            _original[name] = [inspect.getattr_static(obj, attr) for obj, attr, _ in targets]
-            for obj, attr, replacement in targets:
-                setattr(obj, attr, replacement)
-    return True
-
-
-def revert(*names: str) -> None:
-    """Undo :func:`apply` for the named patches (all by default)."""
-    targets = _targets()
-    for name in names or PATCHES:
-        if name not in PATCHES:
-            raise ValueError(f"unknown cuda_compat patch {name!r}; patches are {PATCHES}")
-        if name in _original:
-            for (obj, attr, _), original in zip(targets[name], _original.pop(name)):
-                setattr(obj, attr, original)
-
-
-@contextlib.contextmanager
-def unpatched(*names: str) -> Iterator[None]:
-    """Temporarily remove the named patches (all by default); re-applied on exit if they were."""
-    was_active = is_active()
-    revert(*names)
-    try:
-        yield
-    finally:
-        if was_active:
-            apply()
+_patches = PatchSet("cuda_compat", PATCHES, _targets, needed=lambda: not torch.cuda.is_available(),
+                    tested_versions=TESTED_MEGATRON_CORE_VERSIONS,
+                    test_file="tests/training/test_cuda_compat.py")
+is_active, apply, revert, unpatched = _patches.is_active, _patches.apply, _patches.revert, _patches.unpatched

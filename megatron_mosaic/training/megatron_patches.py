@@ -28,17 +28,15 @@ call fails); when an upgrade fixes one, that test fails and the patch should be 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import warnings
-from typing import Any, Iterator
 
 import torch
 
+from megatron_mosaic.training.patch_set import PatchSet
+
 TESTED_MEGATRON_CORE_VERSIONS = ("0.16.1",)
 PATCHES = ("fresh_state_dict", "shared_step", "restored_step", "dp_reshardable_no_grad")
-_original: dict[str, Any] = {}
 
 
 def _fresh_state_dict(original):
@@ -100,48 +98,16 @@ def needed() -> bool:
     return not distrib_optimizer.HAVE_APEX_OR_TE
 
 
-def is_active() -> bool:
-    return bool(_original)
-
-
-def apply() -> bool:
-    """Install the patches when megatron-core uses the torch fallback. Idempotent."""
-    if not needed():
-        return False
-    from megatron.core import package_info
+def _targets() -> dict:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    if not _original and package_info.__version__ not in TESTED_MEGATRON_CORE_VERSIONS:
-        warnings.warn(
-            f"megatron_mosaic.training.megatron_patches was tested with megatron-core "
-            f"{TESTED_MEGATRON_CORE_VERSIONS}, found {package_info.__version__}: run "
-            f"tests/training/test_megatron_patches.py to check which patches are still needed",
-            stacklevel=2)
-    for name, (attr, wrap) in _WRAPPERS.items():
-        if name not in _original:
-            _original[name] = inspect.getattr_static(DistributedOptimizer, attr)
-            setattr(DistributedOptimizer, attr, wrap(_original[name]))
-    return True
+    # Each wrapper wraps what is there now: the original, since apply() only installs a patch
+    # that is not in place (the wrappers of patches already in place are discarded).
+    return {name: [(DistributedOptimizer, attr, wrap(inspect.getattr_static(DistributedOptimizer, attr)))]
+            for name, (attr, wrap) in _WRAPPERS.items()}
 
 
-def revert(*names: str) -> None:
-    """Undo :func:`apply` for the named patches (all by default)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for name in names or PATCHES:
-        if name not in PATCHES:
-            raise ValueError(f"unknown megatron_patches patch {name!r}; patches are {PATCHES}")
-        if name in _original:
-            setattr(DistributedOptimizer, _WRAPPERS[name][0], _original.pop(name))
-
-
-@contextlib.contextmanager
-def unpatched(*names: str) -> Iterator[None]:
-    """Temporarily remove the named patches (all by default); re-applied on exit if they were."""
-    was_active = is_active()
-    revert(*names)
-    try:
-        yield
-    finally:
-        if was_active:
-            apply()
+_patches = PatchSet("megatron_patches", PATCHES, _targets, needed=needed,
+                    tested_versions=TESTED_MEGATRON_CORE_VERSIONS,
+                    test_file="tests/training/test_megatron_patches.py")
+is_active, apply, revert, unpatched = _patches.is_active, _patches.apply, _patches.revert, _patches.unpatched
