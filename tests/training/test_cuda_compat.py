@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.training.common import outcome
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the patches are CPU-only")
 
@@ -125,14 +126,6 @@ def _optimizer_state_gather() -> None:
     assert state[0][(torch.float32, torch.float32)]["param"].numel() == 64
 
 
-def _outcome(fn, *args) -> str:
-    try:
-        fn(*args)
-        return "ok"
-    except Exception as err:  # the unpatched calls fail in different ways
-        return f"{type(err).__name__}: {err}"
-
-
 def _check_patches(rank: int, world_size: int, tmp: str) -> dict:
     import os
 
@@ -157,10 +150,10 @@ def _check_patches(rank: int, world_size: int, tmp: str) -> dict:
     out = {}
     for patch, (fn, *fn_args) in cases.items():
         with cuda_compat.unpatched(patch):
-            without = _outcome(fn, *fn_args)
+            without = outcome(fn, *fn_args)
         if fn is _dist_checkpoint_save:
             fn_args = [os.path.join(tmp, "patched")]
-        out[patch] = (without, _outcome(fn, *fn_args))
+        out[patch] = (without, outcome(fn, *fn_args))
     out["still_active"] = cuda_compat.is_active()
     return out
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.training.common import outcome
 
 FORMATS = ("fully_reshardable", "dp_reshardable")
 
@@ -80,14 +81,6 @@ def _roundtrip(path: str, sharding: str) -> None:
         assert torch.equal(p2, p), f"weights differ by {float((p2 - p).abs().max()):.2e}"
 
 
-def _outcome(fn, *args) -> str:
-    try:
-        fn(*args)
-        return "ok"
-    except Exception as err:  # the unpatched calls fail in different ways
-        return f"{type(err).__name__}: {err}"
-
-
 def _check(rank: int, world_size: int, tmp: str) -> dict:
     from megatron.core import parallel_state
 
@@ -101,10 +94,10 @@ def _check(rank: int, world_size: int, tmp: str) -> dict:
         for patch in ("none",) + megatron_patches.PATCHES:
             path = os.path.join(tmp, f"{sharding}_{patch}")
             if patch == "none":
-                out[(sharding, patch)] = _outcome(_roundtrip, path, sharding)
+                out[(sharding, patch)] = outcome(_roundtrip, path, sharding)
             else:
                 with megatron_patches.unpatched(patch):
-                    out[(sharding, patch)] = _outcome(_roundtrip, path, sharding)
+                    out[(sharding, patch)] = outcome(_roundtrip, path, sharding)
     out["still_active"] = megatron_patches.is_active()
     return out
 
