@@ -131,6 +131,8 @@ def _non_finite(rank: int, world_size: int, root: str) -> dict:
             out[case] = str(err)
         out[f"{case}_dirs"] = sorted(os.listdir(save))
         out[f"{case}_tracker"] = read_tracker(save)
+        # Every rank looks before rank 0 creates the next case's staging directory.
+        torch.distributed.barrier()
     return out
 
 
