@@ -42,10 +42,6 @@ def init_context_parallel(cp: int) -> None:
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def load_megatron_for_cp(path: str, vocab_size: Optional[int] = None,
                          num_symbols: Optional[int] = None) -> LoadedModel:
     """The checkpoint's Megatron model at TP=PP=1 in the current CP group, scoring by its CP path."""
@@ -62,7 +58,7 @@ def load_megatron_for_cp(path: str, vocab_size: Optional[int] = None,
                           context_parallel_size=dist.get_world_size(), sequence_parallel=False,
                           recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
                           bf16=False, fp8_format=None)
-    [model] = build_model(args, device=_device())
+    [model] = build_model(args)  # on this rank's compute device
     load_checkpoint(path, [model], load_rng=False)
     model.eval()
     tokenizer = build_hf_tokenizer(saved) if saved.get("tokenizer_type") not in ID_TOKENIZERS else None
@@ -86,6 +82,7 @@ def cp_token_scores(model, args, input_ids: torch.Tensor) -> tuple[torch.Tensor,
     from megatron_mosaic.model.context import micro_batch_context
     from megatron_mosaic.parallel.context_parallel import ChunkPlan, gather_from_context_parallel
     from megatron_mosaic.parallel.context_parallel import slice_batch_for_cp_rank
+    from megatron_mosaic.training.initialize import device as compute_device
 
     group = parallel_state.get_context_parallel_group()
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -97,7 +94,7 @@ def cp_token_scores(model, args, input_ids: torch.Tensor) -> tuple[torch.Tensor,
     labels = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
     eod = args.eod_token_id if args.document_masking else None
     local = slice_batch_for_cp_rank({"tokens": tokens, "labels": labels}, eod, args.document_masking, cp, rank)
-    device = _device()
+    device = compute_device()
     local_tokens, local_labels = local["tokens"].to(device), local["labels"].to(device)
     context = micro_batch_context(local_tokens, getattr(args, "long_term_inference_delay", 1),
                                   layout=local["layout"].to(device),
