@@ -1,10 +1,10 @@
 """Before/after of the memory math in one process: the v2 layer with ``memory/`` as it is, and
-with the functions of ``memory/{scan,values,features,bandwidth}.py`` as they were at a git
+with the functions of ``memory/{scan,values,features,bandwidth,retrieval}.py`` as they were at a git
 revision, timed interleaved with the GPT layer (the README's per-layer before/after table).
 
-    python tools/bench_memory_revision.py REV [--repeats 15]
+    python tools/bench_memory_revision.py REV [--repeats 15] [--shapes quickstart long]
 
-Only module-level functions of those four files are swapped (while the old model steps), so
+Only module-level functions of those files are swapped (while the old model steps), so
 the revision must have the same model code around them. Prints, per shape, medians in ms, time
 per FLOP relative to GPT (t/f) and aten ops per fwd+bwd step for both. Not a test.
 """
@@ -22,7 +22,7 @@ import types
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("scan", "values", "features", "bandwidth")
+MODULES = ("scan", "values", "features", "bandwidth", "retrieval")
 
 
 def old_functions(rev: str) -> dict:
@@ -61,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("rev", help="git revision whose memory functions are the 'before'")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     a = parser.parse_args()
     torch.set_num_threads(1)
     swap = old_functions(a.rev)
@@ -79,7 +80,8 @@ def main() -> None:
 
     with single_rank_megatron():
         print(f"before = memory functions of {a.rev}; load {os.getloadavg()[0]:.1f}")
-        for name, (B, T, d, H, window, delay) in SHAPES.items():
+        for name in a.shapes:
+            B, T, d, H, window, delay = SHAPES[name]
             for packed in (False, True):
                 models = {"gpt": build("gpt", d, H, window, delay), "before": build("v2", d, H, window, delay),
                           "after": build("v2", d, H, window, delay)}

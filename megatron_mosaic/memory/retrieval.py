@@ -77,9 +77,19 @@ def _is_plain_shift(query_layout: SequenceLayout, key_layout: SequenceLayout) ->
     return _is_consecutive_run(query_layout, key_layout) and query_layout.uniform_documents
 
 
-def _band_blocks(length: int, width: int, min_block: int = 64) -> int:
-    """Number of query blocks (of max(width, min_block) rows) the banded path would use."""
-    return -(-length // max(width, min_block))
+# A windowed rule goes banded (blocks of >= max(window, BANDED_MIN_ROWS) queries, each against a
+# window of twice its rows) only when the band spans more than this many query blocks: the blocks
+# then do under 2/3 of the dense work. At 3 blocks or fewer one dense (T, T) band mask is as fast
+# on CPU, at 4 (the quickstart's window 64, T = 256) banded is ~1/3 faster (tools/bench_layers.py).
+BANDED_MIN_BLOCKS = 3
+BANDED_MIN_ROWS = 32
+
+
+def _band_plan(length: int, width: int, min_block: int = BANDED_MIN_ROWS) -> tuple[int, int]:
+    """(nb, Bq): as many query blocks as hold at least max(width, min_block) rows each, all of
+    Bq = ceil(length / nb) rows, so the end pads fewer than nb rows (2047 rows, width 255: 8 × 256)."""
+    nb = max(1, length // max(width, min_block, 1))
+    return nb, -(-length // nb)
 
 
 # Which kernel serves the rules that are not a plain shift (packed documents, context-parallel
@@ -91,85 +101,129 @@ def _band_blocks(length: int, width: int, min_block: int = 64) -> int:
 RECALL_BACKEND = {"cpu": "sdpa", "cuda": "flex"}
 
 
-# A windowed rule goes banded (O(T·window), blocks of max(window, 64) queries) only when the band
-# spans more than this many query blocks: below it one dense (T, T) band mask is cheaper on CPU
-# (tools/bench_layers.py).
-BANDED_MIN_BLOCKS = 4
-
-
 def _shifted_recall(q: Tensor, k: Tensor, v: Tensor, visibility: Visibility) -> Tensor:
     """One consecutive single-document run: causal SDPA of q[delay:] against k[:T-delay]."""
     B, H, T, _ = q.shape
     d, w = visibility.delay, visibility.window
-    out = q.new_zeros(B, H, T, v.shape[-1])
     if d >= T or (w is not None and w <= d):  # every row empty
-        return out + 0 * (q.sum() + k.sum() + v.sum())  # keep the graph: zero, not missing, grads
+        return q.new_zeros(B, H, T, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())  # zero grads, not none
     L = T - d
     qs, ks, vs = q[:, :, d:], k[:, :, :L], v[:, :, :L]
     # Shifted row j (query t = j + d) sees shifted keys i in [j - W + 1, j], W = w - d: never empty.
     if w is None or w - d >= L:
         y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=1.0)
-    elif _band_blocks(L, w - d) <= BANDED_MIN_BLOCKS:  # few blocks: one dense (L, L) band is cheaper
+    elif _band_plan(L, w - d)[0] <= BANDED_MIN_BLOCKS:  # few blocks: one dense (L, L) band is cheaper
         j = torch.arange(L, device=q.device)
         band = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - (w - d))
         y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=1.0)
     else:
         y = _banded_causal(qs, ks, vs, w - d)
-    return torch.cat([out[:, :, :d], y], dim=2)
+    return F.pad(y, (0, 0, d, 0))  # rows t < delay see nothing: one pad, not zeros + cat
+
+
+def _windows(x: Tensor, nb: int, Bq: int, pad_end: int) -> Tensor:
+    """(B, H, L, ·) -> (B·nb, H, 2·Bq, ·): block n holds positions [(n-1)·Bq, (n+1)·Bq)."""
+    B, H, _, D = x.shape
+    x = F.pad(x, (0, 0, Bq, pad_end)).view(B, H, nb + 1, Bq, D)
+    x = torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)  # (B, H, nb, 2Bq, D)
+    return x.transpose(1, 2).reshape(B * nb, H, 2 * Bq, D)  # a view when B = 1
 
 
 def _banded_causal(q: Tensor, k: Tensor, v: Tensor, width: int, q_docs: Tensor | None = None,
-                   k_docs: Tensor | None = None, min_block: int = 64) -> Tensor:
-    """Row j attends to keys [j - width + 1, j] of its own document: O(L·width), not O(L²).
+                   k_docs: Tensor | None = None, min_block: int = BANDED_MIN_ROWS) -> Tensor:
+    """Row j of q attends to keys [j - width + 1, j] of its own document, in O(L·width).
 
-    q, k, v: (B, H, L, ·); q_docs, k_docs: (B, L) document ids (None: one document).
-    Queries go in blocks of Bq; block n needs keys [n·Bq - width + 1, n·Bq + Bq - 1], a window of
-    Kw = Bq + width - 1 keys cut from front-padded keys with unfold. Padding keys get document -1
-    and padding queries -2, so they match nothing. Rows with no visible key (a document's first
-    token) get every key and are zeroed afterwards, as in _masked_recall.
+    Queries go in nb blocks of Bq >= width rows, so block n needs keys from blocks n-1 and n
+    only: a 2·Bq window, two neighbouring blocks of the front-padded keys side by side (one cat,
+    whose backward is two slices; an overlapping ``unfold`` window cost ~10 ms of
+    ``unfold_backward`` per long-shape step on CPU).
+
+    q, k, v: (B, H, L, ·); q_docs, k_docs: (B, L) document ids (None: one document, where every
+    row sees at least its own key). Padding keys and queries never match a real document. Rows
+    with no visible key (a document's first token) get every key of their window and are zeroed
+    afterwards, as in a masked recall.
     """
     B, H, L, D = q.shape
     Dv = v.shape[-1]
-    if q_docs is None:
-        q_docs = k_docs = torch.zeros(B, L, dtype=torch.long, device=q.device)
-    Bq = max(width, min_block)
-    nb = _band_blocks(L, width, min_block)
-    Kw = Bq + width - 1
+    nb, Bq = _band_plan(L, width, min_block)
     pad_end = nb * Bq - L
-
-    def key_blocks(x: Tensor) -> Tensor:  # (B, H, L, ·) -> (B·nb, H, Kw, ·)
-        x = F.pad(x, (0, 0, width - 1, pad_end)).unfold(2, Kw, Bq).transpose(-1, -2)  # (B,H,nb,Kw,·)
-        return x.transpose(1, 2).reshape(B * nb, H, Kw, x.shape[-1])
-
-    qb = F.pad(q, (0, 0, 0, pad_end)).reshape(B, H, nb, Bq, D).transpose(1, 2).reshape(B * nb, H, Bq, D)
-    kb, vb = key_blocks(k), key_blocks(v)
-    qdoc = F.pad(q_docs, (0, pad_end), value=-2).view(B, nb, Bq)
-    kdoc = F.pad(k_docs, (width - 1, pad_end), value=-1).unfold(1, Kw, Bq)  # (B, nb, Kw)
+    qb = F.pad(q, (0, 0, 0, pad_end)).view(B, H, nb, Bq, D).transpose(1, 2).reshape(B * nb, H, Bq, D)
+    kb, vb = _windows(k, nb, Bq, pad_end), _windows(v, nb, Bq, pad_end)
+    # Query a of block n is j = n·Bq + a; window column c holds key i = (n-1)·Bq + c.
     a = torch.arange(Bq, device=q.device)[:, None]
-    c = torch.arange(Kw, device=q.device)[None, :]
-    band = (c >= a) & (c <= a + width - 1)  # (Bq, Kw)
-    mask = band & (qdoc[..., :, None] == kdoc[..., None, :])  # (B, nb, Bq, Kw)
-    nonempty = mask.any(dim=-1, keepdim=True)
-    safe = (mask | ~nonempty).view(B * nb, 1, Bq, Kw)
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=safe, scale=1.0)  # (B·nb, H, Bq, Dv)
+    c = torch.arange(2 * Bq, device=q.device)[None, :]
+    band = (c > a + Bq - width) & (c <= a + Bq)  # (Bq, 2Bq): i in [j - width + 1, j]
+    if q_docs is None:
+        first = band & (c >= Bq)  # block 0: the front padding is no key
+        mask = torch.stack([first, *[band] * (nb - 1)]).unsqueeze(1)  # (nb, 1, Bq, 2Bq)
+        if B > 1:
+            mask = mask.repeat(B, 1, 1, 1)
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=1.0)
+        nonempty = None
+    else:
+        qdoc = F.pad(q_docs, (0, pad_end), value=-2).view(B, nb, Bq)
+        kdoc = F.pad(k_docs, (Bq, pad_end), value=-1).view(B, nb + 1, Bq)
+        kdoc = torch.cat([kdoc[:, :-1], kdoc[:, 1:]], dim=2)  # (B, nb, 2Bq)
+        mask = band & (qdoc[..., :, None] == kdoc[..., None, :])  # (B, nb, Bq, 2Bq)
+        nonempty = mask.any(dim=-1, keepdim=True)
+        safe = (mask | ~nonempty).view(B * nb, 1, Bq, 2 * Bq)
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=safe, scale=1.0)
     y = y.view(B, nb, H, Bq, Dv).transpose(1, 2).reshape(B, H, nb * Bq, Dv)
-    y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    if nonempty is not None:
+        y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y, torch.zeros((), dtype=y.dtype, device=y.device))
     return y[:, :, :L]
 
 
 def _banded_documents(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility: Visibility,
-                      min_block: int = 64) -> Tensor | None:
+                      min_block: int = BANDED_MIN_ROWS) -> Tensor | None:
     """A windowed rule over consecutive positions with document starts ``docs`` (B, T), banded
     on the shifted rows (query t = j + delay sees keys j - W + 1 .. j, W = window - delay).
     Returns None when the band spans too few blocks to pay off (the caller takes the dense mask).
     """
     T = q.shape[2]
     d, w = visibility.delay, visibility.window
-    if w is None or d >= T or w <= d or _band_blocks(T - d, w - d, min_block) <= BANDED_MIN_BLOCKS:
+    if w is None or d >= T or w <= d or _band_plan(T - d, w - d, min_block)[0] <= BANDED_MIN_BLOCKS:
         return None
     L = T - d
     y = _banded_causal(q[:, :, d:], k[:, :, :L], v[:, :, :L], w - d, docs[:, d:], docs[:, :L], min_block)
-    return torch.cat([q.new_zeros(q.shape[0], q.shape[1], d, v.shape[-1]), y], dim=2)
+    return F.pad(y, (0, 0, d, 0))
+
+
+# Rows per query block of _consecutive_recall: each block reads only the keys its rows can see, so
+# nb blocks of a causal rule do (nb + 1) / (2 nb) of the dense work, at one SDPA call each (T =
+# 2048, delay 128: 7 blocks, 0.57 of the masked (T, T) product; T = 256: one block).
+CAUSAL_BLOCK_ROWS = 256
+
+
+def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility: Visibility,
+                        block_rows: int | None = None) -> Tensor | None:
+    """Queries and keys the same consecutive run with document starts ``docs`` (B, T): shifted as
+    in the plain path (query t = j + delay reads keys i <= j of its document, i > j - W under a
+    window W = window - delay), so no (T, T) mask and no all-masked rows of the first ``delay``
+    queries, and in query blocks that each read only the keys their rows can see.
+    Returns None when every row is empty (the caller takes the masked path)."""
+    B, H, T, _ = q.shape
+    d, w = visibility.delay, visibility.window
+    if d >= T or (w is not None and w <= d):
+        return None
+    L = T - d
+    j = torch.arange(L, device=q.device)
+    ahead = j[:, None] - j[None, :]  # shifted row minus key
+    band = ahead >= 0 if w is None else (ahead >= 0) & (ahead < w - d)
+    mask = band & (docs[:, d:, None] == docs[:, None, :L])  # (B, L, L)
+    nonempty = mask.any(dim=-1, keepdim=True)
+    safe = (mask | ~nonempty).unsqueeze(1)  # empty rows read any key and are zeroed below
+    nb = max(1, L // (block_rows or CAUSAL_BLOCK_ROWS))
+    rows = -(-L // nb)
+    ys = []
+    for s in range(0, L, rows):
+        e = min(s + rows, L)
+        lo = 0 if w is None else max(0, s - (w - d) + 1)
+        ys.append(F.scaled_dot_product_attention(q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e],
+                                                 attn_mask=safe[:, :, s:e, lo:e], scale=1.0))
+    y = ys[0] if nb == 1 else torch.cat(ys, dim=2)
+    y = torch.where(nonempty[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return F.pad(y, (0, 0, d, 0))
 
 
 def _masked_recall(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, return_lse: bool):
@@ -287,8 +341,11 @@ def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibilit
     if flex:  # every other rule: one block-sparse kernel, no (Tq, Tk) tensor
         return flex_recall(queries, keys, values, visibility.delay, visibility.window, query_layout, key_layout,
                            return_lse)
-    if not return_lse and visibility.window is not None and _is_consecutive_run(query_layout, key_layout):
-        y = _banded_documents(queries, keys, values, query_layout.doc_starts, visibility)
+    if not return_lse and _is_consecutive_run(query_layout, key_layout):
+        docs = query_layout.doc_starts
+        y = None if visibility.window is None else _banded_documents(queries, keys, values, docs, visibility)
+        if y is None:
+            y = _consecutive_recall(queries, keys, values, docs, visibility)
         if y is not None:
             return y
     mask = visibility.mask(query_layout, key_layout)

@@ -205,7 +205,7 @@ def test_banded_blocks_match_reference(L, width, min_block):
         assert_close(gf, gs, 1e-4, 1e-4, what="banded grad")
 
 
-@pytest.mark.parametrize("T,banded", [(400, True), (150, False)])
+@pytest.mark.parametrize("T,banded", [(400, True), (100, False)])
 def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
     from megatron_mosaic.memory import retrieval
 
@@ -213,12 +213,29 @@ def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
     real = retrieval._banded_causal
     monkeypatch.setattr(retrieval, "_banded_causal", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     gen = torch.Generator().manual_seed(11)
-    # width 19 < 64: blocks of 64 queries; T = 400 spans 7 (banded), T = 150 spans 3 (one dense band)
+    # width 19 < 32: blocks of >= 32 queries; T = 400 spans 12 (banded), T = 100 spans 3 (one dense band)
     vis = Visibility(1, 20)
     q, k, v = _qkv(1, 2, T, T, 4, gen, scale=2.0)
     layout = SequenceLayout.contiguous(1, T)
     _check(q, k, v, vis, None, None, _ref_mask(vis, layout, layout), False, gen)
     assert bool(calls) == banded
+
+
+@pytest.mark.parametrize("vis", [Visibility(1, None), Visibility(4, None), Visibility(2, 9), Visibility(0, 1)], ids=str)
+def test_consecutive_blocks_match_reference(vis, monkeypatch):
+    """Packed documents, shifted rows in query blocks of 7 (each reading only the keys its rows
+    can see) against the full reference, gradients included."""
+    from megatron_mosaic.memory import retrieval
+
+    monkeypatch.setattr(retrieval, "CAUSAL_BLOCK_ROWS", 7)
+    monkeypatch.setattr(retrieval, "BANDED_MIN_BLOCKS", 10**6)  # windows too: not the banded path
+    monkeypatch.setattr(Visibility, "mask", lambda *a: (_ for _ in ()).throw(AssertionError("dense mask built")))
+    gen = torch.Generator().manual_seed(7 + vis.delay)
+    layout = random_layout(2, 45, 0.1, gen)
+    q, k, v = _qkv(2, 2, 45, 45, 4, gen, scale=2.0)
+    mask = _ref_mask(vis, layout, layout)
+    y = _check(q, k, v, vis, layout, layout, mask, False, gen)
+    assert (y[~mask.any(dim=-1).expand_as(y[..., 0])] == 0).all()
 
 
 @pytest.mark.parametrize("vis,T,min_block", [(Visibility(1, 20), 400, 64), (Visibility(1, 5), 60, 4),
