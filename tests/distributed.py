@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import traceback
@@ -20,7 +21,19 @@ import torch.multiprocessing as mp
 from megatron_mosaic.training.initialize import free_port
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+# Ranks are forked from a server process that has imported torch and megatron-core once for
+# the whole session: a fresh interpreter per rank spends ~5 s of CPU on those imports, which was
+# most of the time of most multi-process tests. Each rank is still a new process; it gets the
+# caller's environment and working directory as a spawned one would.
+multiprocessing.get_context("forkserver").set_forkserver_preload(
+    ["torch", "torch.distributed", "megatron.core", "megatron_mosaic.training.pretrain", "tests.distributed"])
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple,
+            env: dict, cwd: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -52,8 +65,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
         port = free_port()
         try:
             mp.start_processes(
-                _worker, args=(world_size, port, out_dir, fn, args), nprocs=world_size,
-                join=True, start_method="spawn",
+                _worker, args=(world_size, port, out_dir, fn, args, dict(os.environ), os.getcwd()),
+                nprocs=world_size, join=True, start_method="forkserver",
             )
         except mp.ProcessRaisedException:
             pass  # the per-rank files below carry the real traceback

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import os
+import signal
 import sys
 import time
 from typing import Any, Iterator, Optional, Sequence
@@ -302,6 +304,9 @@ def run_cli(args: argparse.Namespace) -> int:
     line on rank 0 and exit status 1. Any other exception is a bug: its traceback is kept.
     However it ends, no helper process of this worker is left behind (process_guard)."""
     process_guard.install()
+    # A hung rank tells where it waits: `kill -USR1 PID` prints every thread's stack to stderr
+    # (forked DataLoader workers inherit it), and the job goes on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         pretrain(args)
     except Exception as err:

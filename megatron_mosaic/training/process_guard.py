@@ -20,7 +20,6 @@ does, these helpers used to live on, reparented to init, one set per restart.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import queue
 import signal
@@ -33,14 +32,23 @@ _parent_at_fork: Optional[int] = None
 _async_manager: Any = None
 
 
+def _resolve_prctl():
+    # Resolved once, at import, in the worker: a forked child must not look it up itself
+    # (ctypes.util.find_library runs ldconfig in a subprocess, which a child forked from a
+    # multithreaded process can deadlock on). The running program already links libc.
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _resolve_prctl()
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent (thread) exits (Linux).
     Returns False where that is not available."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 def _before_fork() -> None:

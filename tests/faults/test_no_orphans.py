@@ -6,6 +6,7 @@ so after the launcher has ended the test lists every process still carrying the 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -35,19 +36,44 @@ def _wait_for(condition, proc, log, timeout=JOB_TIMEOUT, poll=0.005):
         if proc.poll() is not None:
             raise AssertionError(f"the job ended early ({proc.returncode}):\n{read(log)[-3000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached in {timeout} s:\n{read(log)[-3000:]}")
+            raise AssertionError(f"condition not reached in {timeout} s:\n{_stacks(proc, log)}")
         time.sleep(poll)
+
+
+def _stacks(proc, log) -> str:
+    """The log once every worker (and its forked helpers) has printed its threads' stacks
+    (pretrain_mosaic.py answers SIGUSR1 so): where a hung job waits."""
+    for pid in procs.descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    time.sleep(2)
+    return read(log)[-12000:]
 
 
 def _end_and_list(proc, tag, log) -> list:
     try:
         proc.wait(timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
+        stacks = _stacks(proc, log)
         procs.kill_tagged(tag)
-        raise AssertionError(f"the job did not end:\n{read(log)[-3000:]}") from None
+        raise AssertionError(f"the job did not end:\n{stacks}") from None
     left = procs.wait_for_no_processes(tag, timeout=15)
     procs.kill_tagged(tag)
     return left
+
+
+@contextlib.contextmanager
+def _job(tmp_path, *extra):
+    """A running job; when the test fails while it runs, it is killed and that failure kept."""
+    proc, tag, save, log = _start(tmp_path, *extra)
+    try:
+        yield proc, save, log
+    except BaseException:
+        procs.kill_tagged(tag)
+        raise
+    proc.left = _end_and_list(proc, tag, log)
 
 
 def _workers(proc) -> list[int]:
@@ -77,8 +103,7 @@ def test_success_leaves_nothing(tmp_path):
 @pytest.mark.parametrize("victim", ["rank 0 after a save", "rank 0 inside a save", "rank 1 inside a save",
                                     "rank 0 inside an async save", "rank 1 after an async save"])
 def test_worker_killed(tmp_path, victim):
-    proc, tag, save, log = _start(tmp_path, *(["--async-save"] if "async" in victim else []))
-    try:
+    with _job(tmp_path, *(["--async-save"] if "async" in victim else [])) as (proc, save, log):
         _wait_for(_saved(save), proc, log)
         if "inside" in victim:
             _wait_for(_saving(save), proc, log)
@@ -87,24 +112,19 @@ def test_worker_killed(tmp_path, victim):
         workers = _workers(proc)
         assert len(workers) == 2, workers
         os.kill(workers[0 if "rank 0" in victim else 1], signal.SIGKILL)
-    finally:
-        left = _end_and_list(proc, tag, log)
     assert proc.returncode != 0
-    assert left == [], f"{victim}: left behind {left}"
+    assert proc.left == [], f"{victim}: left behind {proc.left}"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_launcher_signalled(tmp_path, sig):
     """SIGTERM/SIGINT to torchrun (a scheduler cancelling, Ctrl-C), and SIGKILL of torchrun
     itself, which cannot pass anything on: the workers must notice on their own."""
-    proc, tag, save, log = _start(tmp_path)
-    try:
+    with _job(tmp_path) as (proc, save, log):
         _wait_for(_saved(save), proc, log)
         _wait_for(_helpers_running(proc), proc, log)
         proc.send_signal(sig)
-    finally:
-        left = _end_and_list(proc, tag, log)
-    assert left == [], f"{sig.name}: left behind {left}"
+    assert proc.left == [], f"{sig.name}: left behind {proc.left}"
 
 
 def test_user_error_leaves_nothing(tmp_path):
