@@ -1,11 +1,12 @@
-"""Before/after of the memory math in one process: the v2 layer with ``memory/`` as it is, and
-with the functions of ``memory/{scan,values,features,bandwidth,retrieval}.py`` as they were at a git
-revision, timed interleaved with the GPT layer (the README's per-layer before/after table).
+"""Before/after of the memory code in one process: the v2 layer as it is, and with the functions
+of ``memory/{scan,values,features,bandwidth,retrieval}.py`` and the functions and methods of
+``model/{memories,extractors}.py`` as they were at a git revision, timed interleaved with the
+GPT layer (the README's per-layer before/after table).
 
     python tools/bench_memory_revision.py REV [--repeats 15] [--shapes quickstart long]
 
-Only module-level functions of those files are swapped (while the old model steps), so
-the revision must have the same model code around them. Prints, per shape, medians in ms, time
+Only functions and methods of those files are swapped (while the old model steps), so the
+revision must have the same parameters and code around them. Prints, per shape, medians in ms, time
 per FLOP relative to GPT (t/f) and aten ops per fwd+bwd step for both. Not a test.
 """
 
@@ -22,35 +23,47 @@ import types
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ("scan", "values", "features", "bandwidth", "retrieval")
+MODULES = ("memory.scan", "memory.values", "memory.features", "memory.bandwidth", "memory.retrieval",
+           "model.memories", "model.extractors")
 
 
 def old_functions(rev: str) -> dict:
-    """{current function: the same-named function of ``rev``} for the four memory modules."""
+    """{current function: the same-named function of ``rev``} for the MODULES: their module-level
+    functions and the methods of their same-named classes."""
     swap = {}
     for name in MODULES:
-        modname = f"megatron_mosaic.memory.{name}"
+        modname = f"megatron_mosaic.{name}"
         new = __import__(modname, fromlist=["_"])
-        source = subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:megatron_mosaic/memory/{name}.py"],
-                                         text=True)
+        path = f"megatron_mosaic/{name.replace('.', '/')}.py"
+        source = subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:{path}"], text=True)
         old = types.ModuleType(f"{modname}_at_{rev}")
-        old.__package__ = "megatron_mosaic.memory"  # its relative imports resolve to today's package
+        old.__package__ = modname.rpartition(".")[0]  # its relative imports resolve to today's package
         sys.modules[old.__name__] = old  # dataclasses look their module up by name
-        exec(compile(source, f"{rev}:{name}.py", "exec"), old.__dict__)
+        exec(compile(source, f"{rev}:{path}", "exec"), old.__dict__)
         for attr, value in vars(new).items():
             if isinstance(value, types.FunctionType) and value.__module__ == modname and attr in old.__dict__:
                 swap[value] = old.__dict__[attr]
+            elif isinstance(value, type) and value.__module__ == modname and isinstance(old.__dict__.get(attr), type):
+                for method, fn in vars(value).items():
+                    if isinstance(fn, types.FunctionType) and isinstance(vars(old.__dict__[attr]).get(method),
+                                                                         types.FunctionType):
+                        swap[fn] = vars(old.__dict__[attr])[method]
     return swap
 
 
 def rebind(table: dict) -> None:
-    """Point every megatron_mosaic module's references to the keys of ``table`` at its values
-    (callers import these functions by name, so the modules' own bindings are not enough)."""
+    """Point every megatron_mosaic module's references to the keys of ``table``, and its classes'
+    methods, at the values (callers import functions by name: the modules' own bindings are not
+    enough)."""
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("megatron_mosaic"):
             for attr, value in list(vars(module).items()):
                 if isinstance(value, types.FunctionType) and value in table:
                     setattr(module, attr, table[value])
+                elif isinstance(value, type) and value.__module__ == module.__name__:
+                    for method, fn in list(vars(value).items()):
+                        if isinstance(fn, types.FunctionType) and fn in table:
+                            setattr(value, method, table[fn])
 
 
 def main() -> None:

@@ -103,10 +103,11 @@ class GatedKeyExtractor(MosaicModule):
         self.num_local_heads = config.num_attention_heads // self.tp_size
 
     def features(self, key: Tensor, gate: Tensor, decay: Tensor, context: MemoryContext,
-                 dtype: torch.dtype) -> Tensor:
-        """(W_φ x, W_g x, W_λ x) -> unit keys (b, H_local, s, hs) in ``dtype`` (the gated scan
-        and norm)."""
-        raw = split_heads(key, self.num_local_heads).float()
+                 dtype: torch.dtype, heads: int | None = None) -> Tensor:
+        """(W_φ x, W_g x, W_λ x) -> unit keys (b, heads, s, hs) in ``dtype`` (the gated scan
+        and norm). ``heads`` (default H_local): the inputs hold that many heads side by side,
+        e.g. two memories' (the extractor has no parameters, every head's math is the same)."""
+        raw = split_heads(key, heads or self.num_local_heads).float()
         log_gain = gate.float().permute(1, 2, 0).unsqueeze(-1)  # (b, H_local, s, 1)
         log_decay = -decay.float().abs().permute(1, 2, 0).unsqueeze(-1)
         scaled, _, _ = linear_recurrence(raw, log_decay=log_decay, log_gain=log_gain, resets=context.resets,
@@ -133,6 +134,17 @@ class ValueExtractor(MosaicModule):
     def features(self, projected: Tensor, context: MemoryContext, dtype: torch.dtype) -> Tensor:
         """W_v x [s, b, H_local·hs] -> values (b, H_local, s, hs) in ``dtype`` (the peek mix,
         norm and scale)."""
-        raw = split_heads(projected, self.num_local_heads).float()
-        mixed = peek_values(raw, self.mix.float().view(1, -1, 1, 1), resets=context.resets, group=context.cp_group)
-        return finish_values(mixed, self.value_scale, self.version).to(dtype)
+        return value_features(projected, [self], context, dtype)
+
+
+def value_features(projected: Tensor, extractors: list[ValueExtractor], context: MemoryContext,
+                   dtype: torch.dtype) -> Tensor:
+    """Values of several extractors' heads side by side in one pass: W_v x [s, b, ΣH_local·hs]
+    -> (b, ΣH_local, s, hs), each head with its extractor's mix and scale (one peek and norm for
+    both v2 memories: eager, every op is a dispatch)."""
+    heads = sum(e.num_local_heads for e in extractors)
+    mix = torch.cat([e.mix for e in extractors]) if len(extractors) > 1 else extractors[0].mix
+    theta = torch.cat([e.value_scale for e in extractors]) if len(extractors) > 1 else extractors[0].value_scale
+    raw = split_heads(projected, heads).float()
+    mixed = peek_values(raw, mix.float().view(1, -1, 1, 1), resets=context.resets, group=context.cp_group)
+    return finish_values(mixed, theta, extractors[0].version).to(dtype)

@@ -24,7 +24,7 @@ from ..parallel.dispatch import associative_recall  # CP ring when CP > 1
 from .config import MosaicConfig
 from .context import MemoryContext
 from .extractors import (
-    GatedKeyExtractor, LeakyKeyExtractor, MemoryLinears, ValueExtractor, row_linear,
+    GatedKeyExtractor, LeakyKeyExtractor, MemoryLinears, ValueExtractor, row_linear, value_features,
 )
 from .fused_projection import FusedProjection, Part
 from .module import MosaicModule, gather_sequence, merge_heads
@@ -128,15 +128,18 @@ class AssociativeMemory(MosaicModule):
         def core(key: Tensor, gate: Tensor, decay: Tensor, value: Tensor) -> Tensor:  # recomputed
             keys = self.key_extractor.features(key, gate, decay, context, x.dtype)
             values = self.value_extractor.features(value, context, x.dtype)
-            counts = visibility.visible_counts(context.layout)
-            beta = adaptive_bandwidth(
-                self.bandwidth_theta0.float(), self.bandwidth_theta1.float(), self.bandwidth_theta_alpha.float(),
-                counts,
-            )
-            queries = (keys.float() * beta).to(keys.dtype)
-            return recall(queries, keys, values, visibility, context)
+            return self.retrieve(keys, values, visibility, context)
 
         return maybe_checkpoint(recompute_memory_core(self.config), core, *self.projection(x))
+
+    def retrieve(self, keys: Tensor, values: Tensor, visibility: Visibility, context: MemoryContext) -> Tensor:
+        """Recall with the adaptive bandwidth β_t on the query copy of the unit keys."""
+        counts = visibility.visible_counts(context.layout)
+        beta = adaptive_bandwidth(
+            self.bandwidth_theta0.float(), self.bandwidth_theta1.float(), self.bandwidth_theta_alpha.float(), counts,
+        )
+        queries = (keys.float() * beta).to(keys.dtype)
+        return recall(queries, keys, values, visibility, context)
 
 
 class LongShortMemory(MosaicModule):
@@ -156,8 +159,23 @@ class LongShortMemory(MosaicModule):
 
     def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
         x = gather_sequence(x, self.config, self.tp_group)  # one gather for both memories
-        short = self.short_term(x, context)  # (b, H_local, s, hs)
-        long = self.long_term(x, context)
-        b, h, s, hs = short.shape
-        both = torch.stack((short, long), dim=3).reshape(b, h, s, 2 * hs)
-        return self.linear_proj(merge_heads(both))[0]
+        short, long = self.short_term, self.long_term
+        visibilities = (short.visibility(context), long.visibility(context))
+
+        def core(*parts: Tensor) -> Tensor:  # recomputed under selective recompute
+            # The two memories' heads side by side through one key scan, one value peek and one
+            # norm of each kind (every head's math is independent): eager, each op is a dispatch
+            # and a pass over memory, and the memories' features are most of v2's ops.
+            key, gate, decay, value = (torch.cat(pair, dim=-1) for pair in zip(parts[:4], parts[4:]))
+            H = short.key_extractor.num_local_heads
+            keys = short.key_extractor.features(key, gate, decay, context, x.dtype, heads=2 * H)
+            values = value_features(value, [short.value_extractor, long.value_extractor], context, x.dtype)
+            ys = [memory.retrieve(keys[:, i * H:(i + 1) * H], values[:, i * H:(i + 1) * H], visibility, context)
+                  for i, (memory, visibility) in enumerate(zip((short, long), visibilities))]
+            # [s, b, H_local·2hs] ordered [short_h ; long_h] per head: one copy straight to the
+            # projection's layout (merge_heads of a stack would copy twice).
+            s, b = ys[0].shape[2], ys[0].shape[0]
+            return torch.stack([y.permute(2, 0, 1, 3) for y in ys], dim=3).reshape(s, b, -1)
+
+        both = maybe_checkpoint(recompute_memory_core(self.config), core, *short.projection(x), *long.projection(x))
+        return self.linear_proj(both)[0]
