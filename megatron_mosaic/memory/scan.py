@@ -47,7 +47,7 @@ class RecurrenceState:
 
 def _log_combine(v1: Tensor, l1: Tensor, v2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
     """v1·e^l1 + v2·e^l2 as (v, l); l1 must be finite, l2 may be -inf."""
-    l = torch.maximum(l1, l2)
+    l = torch.maximum(l1, l2).detach()  # a reference point: see _scan_fp32's m
     # addcmul: the product and sum in one op (eager, each op is a dispatch and a pass over memory)
     return torch.addcmul(v1 * torch.exp(l1 - l), v2, torch.exp(l2 - l)), l
 
@@ -95,7 +95,10 @@ def _scan_fp32(
     if seg is not None:  # also hidden: s in an earlier segment than t
         hidden = hidden | (seg != seg.transpose(-1, -2))
     logw = logw.masked_fill(hidden, float("-inf"))
-    m = logw.amax(dim=-1, keepdim=True)  # finite: the diagonal g_t is always visible
+    # m: finite (the diagonal g_t is always visible). A reference point, detached: h = scaled·e^m
+    # whatever m is, and every consumer (products, Norm(scaled), the recursion) depends on h alone,
+    # so m's own gradient path adds exactly zero (amax's backward was ~6 full-size ops).
+    m = logw.detach().amax(dim=-1, keepdim=True)
     scaled = torch.matmul(torch.exp(logw - m), x)  # (B,H,N,C,D)
 
     # State entering each chunk: init for chunk 0, the previous chunk's end state after that.
@@ -170,6 +173,8 @@ def linear_recurrence(
     initial_state: h_{-1}; None means zeros. A reset at t=0 drops it.
     Returns (scaled, log_scale, final_state) with h_t = scaled_t · exp(log_scale_t):
     scaled (B, H, T, D) in the inputs' dtype, log_scale (B, H, T, 1) fp32, final_state = h_{T-1}.
+    log_scale is a reference point and carries no gradient: differentiate h (or Norm(scaled)),
+    not the two parts apart; those gradients are exact.
     Memory O(B·H·T·D) (chunked: no T×T matrix); computed in fp32.
 
     The final state is fp32 (it is carried across chunks/ranks). log_scale_t is the largest log
