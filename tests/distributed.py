@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -34,6 +35,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # The server's stdout/stderr belong to whichever test started it: each rank writes to its
+    # own file instead, which run_distributed hands to the calling test's output.
+    log = os.open(os.path.join(out_dir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    for fd in (1, 2):
+        os.dup2(log, fd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -72,6 +78,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
             pass  # the per-rank files below carry the real traceback
         except mp.ProcessExitedException:
             pass
+        for rank in range(world_size):
+            path = os.path.join(out_dir, f"rank{rank}.log")
+            if os.path.exists(path) and os.path.getsize(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    sys.stdout.write(f"----- rank {rank} output -----\n{f.read()}")
         results = []
         for rank in range(world_size):
             path = os.path.join(out_dir, f"rank{rank}.pt")
