@@ -170,8 +170,15 @@ class LongShortMemory(MosaicModule):
             H = short.key_extractor.num_local_heads
             keys = short.key_extractor.features(key, gate, decay, context, x.dtype, heads=2 * H)
             values = value_features(value, [short.value_extractor, long.value_extractor], context, x.dtype)
-            ys = [memory.retrieve(keys[:, i * H:(i + 1) * H], values[:, i * H:(i + 1) * H], visibility, context)
-                  for i, (memory, visibility) in enumerate(zip((short, long), visibilities))]
+            counts = torch.stack([visibility.visible_counts(context.layout) for visibility in visibilities], dim=1)
+            beta = adaptive_bandwidth(
+                torch.cat([short.bandwidth_theta0, long.bandwidth_theta0]).float(),
+                torch.cat([short.bandwidth_theta1, long.bandwidth_theta1]).float(),
+                torch.cat([short.bandwidth_theta_alpha, long.bandwidth_theta_alpha]).float(), counts,
+            )
+            queries = (keys.float() * beta).to(keys.dtype)
+            ys = [recall(queries[:, i * H:(i + 1) * H], keys[:, i * H:(i + 1) * H], values[:, i * H:(i + 1) * H],
+                         visibility, context) for i, visibility in enumerate(visibilities)]
             # [s, b, H_local·2hs] ordered [short_h ; long_h] per head: one copy straight to the
             # projection's layout (merge_heads of a stack would copy twice).
             s, b = ys[0].shape[2], ys[0].shape[0]

@@ -69,6 +69,20 @@ def test_adaptive_bandwidth_matches_reference(seq_len, eod_prob, delay, window):
     assert_close(beta32, beta, rtol=1e-5)
 
 
+def test_adaptive_bandwidth_head_groups():
+    """counts (B, G, T): each group of H/G heads takes its own counts, as G separate calls would."""
+    gen = torch.Generator().manual_seed(3)
+    layout = random_layout(2, 30, 0.1, gen)
+    thetas = [torch.randn(6, generator=gen, dtype=f64) for _ in range(3)]
+    rules = [Visibility(1, 5), Visibility(4, None), Visibility(2, 9)]
+    counts = torch.stack([r.visible_counts(layout) for r in rules], dim=1)
+    grouped = adaptive_bandwidth(*thetas, counts)
+    apart = torch.cat([adaptive_bandwidth(*[t[2 * g:2 * g + 2] for t in thetas], counts[:, g]) for g in range(3)], 1)
+    assert torch.equal(grouped, apart)
+    with pytest.raises(ValueError, match="counts"):
+        adaptive_bandwidth(*thetas, torch.cat([counts, counts[:, :1]], dim=1))  # 4 groups of 6 heads
+
+
 def test_bandwidth_bad_shapes():
     th = torch.zeros(2)
     with pytest.raises(ValueError, match="theta_alpha"):
