@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-symbols", type=int, default=None,
                    help="key/value symbols per set: the number the training data was made with "
                         "(tools/make_eval_data.py --num-symbols; default the same default)")
+    p.add_argument("--num-pairs", type=int, default=None,
+                   help="recall: key-value pairs per document, the number the training data was made with "
+                        "(tools/make_eval_data.py --num-pairs; default the same default, a quarter of the length)")
     p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots, per task")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--context-parallel-size", type=int, default=None,
@@ -67,6 +70,8 @@ def check(args: argparse.Namespace) -> Optional[str]:
 
     if any(length < 8 for length in args.seq_length):
         return f"--seq-length values must be >= 8, got {args.seq_length}"
+    if args.num_pairs is not None and (args.num_pairs < 1 or "recall" not in args.task):
+        return f"--num-pairs is recall's and must be >= 1, got {args.num_pairs} for --task {' '.join(args.task)}"
     if args.num_docs < 1 or args.batch_size < 1:
         return "--num-docs and --batch-size must be >= 1"
     if any(TASKS[t].needs_text for t in args.task) and not args.text:
@@ -96,11 +101,26 @@ def _fail(message: object) -> int:
     return 1
 
 
+def _recall_with_pairs(num_pairs: int) -> None:
+    """Make this process's recall documents hold ``num_pairs`` pairs (the registry's generator
+    with the option bound; evaluation code looks the task up by name)."""
+    import dataclasses
+    import functools
+
+    from megatron_mosaic.evaluation.synthetic import recall_document
+    from megatron_mosaic.evaluation.tasks import TASKS
+
+    TASKS["recall"] = dataclasses.replace(TASKS["recall"],
+                                          generate=functools.partial(recall_document, num_pairs=num_pairs))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     problem = check(args)
     if problem:
         return _fail(problem)
+    if args.num_pairs is not None:
+        _recall_with_pairs(args.num_pairs)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -135,6 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     name=args.name or loaded.kind, log=log)
             if cp > 1:
                 results["context_parallel_size"] = cp
+            if task == "recall" and args.num_pairs is not None:
+                results["num_pairs"] = args.num_pairs
             if not first:
                 continue
             print(table([results]), flush=True)

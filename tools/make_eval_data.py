@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-symbols", type=int, default=None,
                    help="key and value symbols per set (default: text 64; ids a quarter of the non-reserved "
                         "ids, at most 256); evaluation must be given the same number")
+    p.add_argument("--num-pairs", type=int, default=None,
+                   help="recall: key-value pairs per document (default a quarter of --length, at most "
+                        "--num-symbols); the rest of the document is queries")
     p.add_argument("--text", nargs="+", default=None, help="real-text corpus for multidoc and lm (jsonl/txt)")
     p.add_argument("--lm-eval", action="store_true",
                    help="write lm-evaluation-harness rows (each document's last answer) instead of documents")
@@ -65,13 +68,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.task not in TASKS:
             raise VocabError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
+        if args.num_pairs is not None and args.task != "recall":
+            raise VocabError(f"--num-pairs is recall's, not {args.task}'s")
         vocab = SymbolVocab(args.format, args.vocab_size, args.num_symbols)
+        options = {} if args.num_pairs is None else {"num_pairs": args.num_pairs}
+        if options:  # a bad value fails here, before the output file is opened
+            next(generate_documents(args.task, vocab, args.length, 1, args.seed, **options))
         source = TextSource(args.text, vocab) if args.text and TASKS[args.task].needs_text else None
         start = time.perf_counter()
 
         def counted():
             for i, doc in enumerate(generate_documents(args.task, vocab, args.length, args.num_docs,
-                                                       args.seed, source), 1):
+                                                       args.seed, source, **options), 1):
                 yield doc
                 progress(i, args.num_docs, start)
 
@@ -85,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (VocabError, DataError, OSError) as err:
         return cli_error(PROG, err)
     print(f"wrote {count} {args.task} {'lm-eval rows' if args.lm_eval else 'documents'} of {args.length} units to {args.output} "
-          f"(format {args.format}, {vocab.num_symbols} symbols per set)")
+          f"(format {args.format}, {vocab.num_symbols} symbols per set"
+          + (f", {args.num_pairs} pairs per document)" if options else ")"))
     return 0
 
 

@@ -13,6 +13,12 @@ from .documents import Document
 from .vocab import SymbolVocab, VocabError
 
 
+def max_recall_pairs(length: int, num_symbols: int) -> int:
+    """The most key-value pairs a recall document of ``length`` units can hold: distinct keys,
+    and room for the pairs plus at least one query."""
+    return max(1, min(num_symbols, (length - 2) // 2))
+
+
 def recall_document(rng: random.Random, vocab: SymbolVocab, length: int,
                     num_pairs: int | None = None) -> Document:
     """``k1 v1 ... kn vn`` then queries ``k v`` of earlier keys; each query's ``v`` is an answer.
@@ -21,11 +27,17 @@ def recall_document(rng: random.Random, vocab: SymbolVocab, length: int,
     inferred by elimination). Queries walk random permutations of the keys, which keeps
     distances long; ``distance`` counts units from the key's previous occurrence (its pair or an
     earlier query) to the query key.
+
+    ``num_pairs`` defaults to ``length // 4`` (clamped to what fits); given explicitly it must
+    fit (1 to ``max_recall_pairs``), or VocabError says so.
     """
     if length < 4:
         raise VocabError(f"recall needs a length >= 4, got {length}")
-    n = num_pairs or max(1, length // 4)
-    n = min(n, vocab.num_symbols, (length - 2) // 2)
+    limit = max_recall_pairs(length, vocab.num_symbols)
+    if num_pairs is not None and not 1 <= num_pairs <= limit:
+        raise VocabError(f"--num-pairs must be in [1, {limit}] for recall documents of {length} units "
+                         f"with {vocab.num_symbols} symbols, got {num_pairs}")
+    n = min(num_pairs or max(1, length // 4), limit)
     keys = rng.sample(range(vocab.num_symbols), n)
     values = {k: rng.randrange(vocab.num_symbols) for k in keys}
     doc = Document("recall", meta={"pairs": n, "length": length})

@@ -53,3 +53,43 @@ def test_generated_documents_preprocess_with_null_tokenizer(tmp_path):
     assert len(dataset) == 5
     for i, doc in enumerate(docs):
         assert dataset[i].tolist() == [int(u) for u in doc.text.split()] + [100]  # EOD = N
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ("0", "--num-pairs must be in [1, 11] for recall documents of 24 units with 32 symbols, got 0"),
+    ("12", "--num-pairs must be in [1, 11] for recall documents of 24 units with 32 symbols, got 12"),
+])
+def test_bad_num_pairs_give_one_line(tmp_path, pairs, message):
+    result = run(TOOL, "recall", "--output", "x.jsonl", "--vocab-size", "512", "--num-symbols", "32",
+                 "--length", "24", "--num-pairs", pairs, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines == [f"make_eval_data: error: {message}"], result.stderr
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_num_pairs_is_recall_only(tmp_path):
+    result = run(TOOL, "fewshot", "--output", "x.jsonl", "--vocab-size", "512", "--num-pairs", "4", cwd=tmp_path)
+    assert result.returncode != 0 and "--num-pairs is recall's, not fewshot's" in result.stderr
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("pairs", [1, 4, 8])
+def test_recall_documents_hold_exactly_num_pairs(pairs):
+    """The documents `examples/icl_baseline.sh` trains on with BASELINE_PAIRS: N distinct keys
+    with their values, then only queries of those keys, each answered with its pair's value."""
+    import random
+
+    from megatron_mosaic.evaluation import SymbolVocab
+    from megatron_mosaic.evaluation.synthetic import recall_document
+
+    vocab = SymbolVocab("ids", 512, 32)
+    for seed in range(20):
+        doc = recall_document(random.Random(seed), vocab, 127, num_pairs=pairs)
+        ids = doc.text.split()
+        keys, values = ids[0:2 * pairs:2], ids[1:2 * pairs:2]
+        assert doc.meta["pairs"] == pairs and len(set(keys)) == pairs
+        answer_of = dict(zip(keys, values))
+        queries = [(doc.segments[i - 1].text.split()[-1], s.text)  # (the key just before, the answer)
+                   for i, s in enumerate(doc.segments) if s.answer is not None]
+        assert len(queries) == (127 - 2 * pairs) // 2  # the rest of the document is queries
+        assert all(answer_of[k] == v for k, v in queries)
