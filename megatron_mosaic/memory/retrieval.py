@@ -199,30 +199,30 @@ def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibilit
                         block_rows: int | None = None) -> Tensor | None:
     """Queries and keys the same consecutive run with document starts ``docs`` (B, T): shifted as
     in the plain path (query t = j + delay reads keys i <= j of its document, i > j - W under a
-    window W = window - delay), so no (T, T) mask and no all-masked rows of the first ``delay``
-    queries, and in query blocks that each read only the keys their rows can see.
+    window W = window - delay), in query blocks that each read, and mask, only the keys their
+    rows can see: no (T, T) mask at once, about half of one in all.
     Returns None when every row is empty (the caller takes the masked path)."""
-    B, H, T, _ = q.shape
+    T = q.shape[2]
     d, w = visibility.delay, visibility.window
     if d >= T or (w is not None and w <= d):
         return None
     L = T - d
     j = torch.arange(L, device=q.device)
-    ahead = j[:, None] - j[None, :]  # shifted row minus key
-    band = ahead >= 0 if w is None else (ahead >= 0) & (ahead < w - d)
-    mask = band & (docs[:, d:, None] == docs[:, None, :L])  # (B, L, L)
-    nonempty = mask.any(dim=-1, keepdim=True)
-    safe = (mask | ~nonempty).unsqueeze(1)  # empty rows read any key and are zeroed below
     nb = max(1, L // (block_rows or CAUSAL_BLOCK_ROWS))
     rows = -(-L // nb)
     ys = []
     for s in range(0, L, rows):
         e = min(s + rows, L)
         lo = 0 if w is None else max(0, s - (w - d) + 1)
-        ys.append(F.scaled_dot_product_attention(q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e],
-                                                 attn_mask=safe[:, :, s:e, lo:e], scale=1.0))
+        ahead = j[s:e, None] - j[None, lo:e]  # shifted row minus key
+        band = ahead >= 0 if w is None else (ahead >= 0) & (ahead < w - d)
+        mask = band & (docs[:, d + s:d + e, None] == docs[:, None, lo:e])  # (B, rows, keys)
+        nonempty = mask.any(dim=-1, keepdim=True).unsqueeze(1)
+        y = F.scaled_dot_product_attention(q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e],
+                                           attn_mask=mask.unsqueeze(1) | ~nonempty, scale=1.0)
+        # empty rows read any key (never NaN) and are zeroed
+        ys.append(torch.where(nonempty, y, torch.zeros((), dtype=y.dtype, device=y.device)))
     y = ys[0] if nb == 1 else torch.cat(ys, dim=2)
-    y = torch.where(nonempty[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
     return F.pad(y, (0, 0, d, 0))
 
 
