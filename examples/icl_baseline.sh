@@ -3,7 +3,8 @@
 # Trains one model (default the GPT baseline of `make icl`: 4 layers, d=128, 4 heads, context
 # 128, NullTokenizer vocabulary 512, 32 symbols) on recall documents only, saves a checkpoint
 # every BASELINE_SAVE_INTERVAL steps, scores each with tools/evaluate.py (recall at the training
-# length, fresh documents) and writes accuracy vs steps (table, CSV, plot) into runs/icl/baseline/.
+# length, fresh documents) and writes accuracy vs steps (table, CSV, plot) into runs/icl/baseline/,
+# then checks the last checkpoint against the least-recently-seen-value shortcut (recency.txt).
 # Knobs (environment variables):
 #   BASELINE_ITERS (2000)  BASELINE_SAVE_INTERVAL (250)  BASELINE_LR (1e-3)  BASELINE_LAYERS (4)
 #   BASELINE_MODEL (gpt)  BASELINE_DOC_UNITS (SEQ_LENGTH - 1: one document + EOD = one sequence)
@@ -80,4 +81,8 @@ for ckpt in "$run"/checkpoints/iter_*; do
 done
 "$PY" examples/icl_baseline_report.py --run "$run" --name "$MODEL" \
     --note "$LAYERS layers, recall documents of $UNITS ids (${PAIRS:-$((UNITS / 4))} pairs) + EOD in $LEN-token sequences, $BATCH sequences/step, lr $LR"
+last=$(ls -d "$run"/checkpoints/iter_* | tail -1)
+step "the last checkpoint against a shortcut: the least recently seen value (queries walk permutations of the keys)"
+"$PY" examples/icl_baseline_report.py --run "$run" --recency "$last" --num-symbols "$SYMBOLS" "${PAIRS_ARG[@]}" \
+    2>/dev/null | tee "$run/recency.txt"
 step "done in $((SECONDS - START)) s: $run/steps.md"

@@ -5,6 +5,13 @@
 reads RUN/eval/STEP/recall.json (tools/evaluate.py --output RUN/eval/STEP, one per saved
 checkpoint) and writes RUN/steps.md, RUN/steps.csv and RUN/steps.png (the parameter count is in
 the table and the legend).
+
+    python examples/icl_baseline_report.py --run RUN --recency RUN/checkpoints/iter_0010000 --num-pairs 4
+
+also checks one checkpoint against a shortcut the recall documents allow: their queries walk
+random permutations of the keys, so "the document's value seen longest ago" is often the answer.
+It prints how often the model is right, how often its prediction is that value, and how often
+that value is right (on tools/evaluate.py's documents: seed 4321, the training length).
 """
 
 from __future__ import annotations
@@ -74,12 +81,53 @@ def write(run: str, name: str, note: str, rows: list[dict]) -> list[str]:
     return [md_path, csv_path, png_path]
 
 
+def recency_shortcut(checkpoint: str, num_pairs: Optional[int], num_symbols: Optional[int], docs: int = 32) -> dict:
+    """On ``docs`` recall documents: the model's accuracy, how often its argmax is the least
+    recently seen of the document's values, and how often that value is the answer."""
+    import torch
+
+    from megatron_mosaic.evaluation.model_runner import load_model
+    from megatron_mosaic.evaluation.tasks import generate_documents
+
+    loaded = load_model(checkpoint, None, num_symbols)
+    length = loaded.train_seq_length or 128
+    options = {} if num_pairs is None else {"num_pairs": num_pairs}
+    counts = {"queries": 0, "model_right": 0, "model_is_least_recent": 0, "least_recent_right": 0}
+    for doc in generate_documents("recall", loaded.vocab, length, docs, 4321, **options):
+        ids = [int(t) for t in doc.text.split()]
+        values = set(ids[1:2 * doc.meta["pairs"]:2])
+        with torch.no_grad():
+            predicted = loaded.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+        position = 0
+        for segment in doc.segments:
+            if segment.answer is not None:  # ids[position] answers the key at position - 1
+                last_seen = {v: q for q, v in enumerate(ids[:position]) if v in values and q % 2 == 1}
+                least_recent = min(last_seen, key=last_seen.get)
+                counts["queries"] += 1
+                counts["model_right"] += predicted[position - 1] == ids[position]
+                counts["model_is_least_recent"] += predicted[position - 1] == least_recent
+                counts["least_recent_right"] += least_recent == ids[position]
+            position += len(segment.text.split())
+    return {"parameters": loaded.parameters, **counts}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="icl_baseline_report", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--run", required=True, help="the model's run directory (holding eval/STEP/recall.json)")
     p.add_argument("--name", default="model")
     p.add_argument("--note", default="", help="one line on the recipe, shown in the table and the plot")
+    p.add_argument("--recency", default=None, metavar="CHECKPOINT",
+                   help="also check this checkpoint against the least-recently-seen-value shortcut")
+    p.add_argument("--num-pairs", type=int, default=None, help="--recency: pairs per document (as trained)")
+    p.add_argument("--num-symbols", type=int, default=None, help="--recency: symbols (as trained)")
     args = p.parse_args(argv)
+    if args.recency:
+        c = recency_shortcut(args.recency, args.num_pairs, args.num_symbols)
+        n = max(c["queries"], 1)
+        print(f"{args.recency} ({c['parameters'] / 1e6:.2f}M parameters), {c['queries']} queries: model right "
+              f"{c['model_right'] / n:.3f}; its prediction is the least recently seen value {c['model_is_least_recent'] / n:.3f}; "
+              f"that value alone is right {c['least_recent_right'] / n:.3f}")
+        return 0
     rows = load_steps(args.run)
     if not rows:
         return cli_error("icl_baseline_report", f"no results under {args.run}/eval/STEP/recall.json")
