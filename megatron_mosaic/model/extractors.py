@@ -131,10 +131,12 @@ class ValueExtractor(MosaicModule):
         self.mix = self.per_head_parameter(torch.rand(heads))
         self.value_scale = self.per_head_parameter(torch.full((heads,), -0.05 if self.version == 1 else 0.0))
 
-    def features(self, projected: Tensor, context: MemoryContext, dtype: torch.dtype) -> Tensor:
+    def features(self, projected: Tensor, context: MemoryContext, dtype: torch.dtype,
+                 others: tuple[ValueExtractor, ...] = ()) -> Tensor:
         """W_v x [s, b, H_local·hs] -> values (b, H_local, s, hs) in ``dtype`` (the peek mix,
-        norm and scale)."""
-        return value_features(projected, [self], context, dtype)
+        norm and scale). ``others``: extractors whose heads follow this one's in ``projected``
+        (``value_features``)."""
+        return value_features(projected, [self, *others], context, dtype)
 
 
 def value_features(projected: Tensor, extractors: list[ValueExtractor], context: MemoryContext,

@@ -24,7 +24,7 @@ from ..parallel.dispatch import associative_recall  # CP ring when CP > 1
 from .config import MosaicConfig
 from .context import MemoryContext
 from .extractors import (
-    GatedKeyExtractor, LeakyKeyExtractor, MemoryLinears, ValueExtractor, row_linear, value_features,
+    GatedKeyExtractor, LeakyKeyExtractor, MemoryLinears, ValueExtractor, row_linear,
 )
 from .fused_projection import FusedProjection, Part
 from .module import MosaicModule, gather_sequence, merge_heads
@@ -169,7 +169,7 @@ class LongShortMemory(MosaicModule):
             key, gate, decay, value = (torch.cat(pair, dim=-1) for pair in zip(parts[:4], parts[4:]))
             H = short.key_extractor.num_local_heads
             keys = short.key_extractor.features(key, gate, decay, context, x.dtype, heads=2 * H)
-            values = value_features(value, [short.value_extractor, long.value_extractor], context, x.dtype)
+            values = short.value_extractor.features(value, context, x.dtype, others=(long.value_extractor,))
             counts = torch.stack([visibility.visible_counts(context.layout) for visibility in visibilities], dim=1)
             beta = adaptive_bandwidth(
                 torch.cat([short.bandwidth_theta0, long.bandwidth_theta0]).float(),
