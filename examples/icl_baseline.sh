@@ -10,6 +10,8 @@
 #   BASELINE_MODEL (gpt)  BASELINE_DOC_UNITS (SEQ_LENGTH - 1: one document + EOD = one sequence)
 #   BASELINE_PAIRS (unset: a quarter of the document, 31 pairs at 127 ids; N: N key-value pairs
 #     per document, the rest queries; training and evaluation documents alike)
+#   BASELINE_QUERY_ORDER (rounds: queries walk permutations of the keys, which lets "the value
+#     seen longest ago" guess right; random: each query's key drawn uniformly, with repeats)
 #   BASELINE_BATCH (8: sequences per step)
 #   BASELINE_EVAL_DOCS (32)  BASELINE_NPROC (1)  BASELINE_RUNS (runs/icl/baseline)
 #   BASELINE_TRAIN_DOCS (50000)  ICL_SEQ_LENGTH (128)  ICL_VOCAB (512)  ICL_SYMBOLS (32)  ICL_DATA (data/icl)
@@ -30,7 +32,10 @@ MODEL=${BASELINE_MODEL:-gpt}
 UNITS=${BASELINE_DOC_UNITS:-$((LEN - 1))}
 PAIRS=${BASELINE_PAIRS:-}
 BATCH=${BASELINE_BATCH:-8}
+ORDER=${BASELINE_QUERY_ORDER:-rounds}
+case "$ORDER" in rounds|random) ;; *) echo "BASELINE_QUERY_ORDER must be rounds or random, got $ORDER"; exit 1;; esac
 PAIRS_ARG=(${PAIRS:+--num-pairs "$PAIRS"})
+[ "$ORDER" = rounds ] || PAIRS_ARG+=(--query-order "$ORDER")
 EVAL_DOCS=${BASELINE_EVAL_DOCS:-32}
 NPROC=${BASELINE_NPROC:-1}
 RUNS=${BASELINE_RUNS:-runs/icl/baseline}
@@ -41,8 +46,8 @@ step() { printf '\n==> [%3ds] %s\n' "$((SECONDS - START))" "$*"; }
 # Recall documents of UNITS ids each, EOD appended by preprocessing. With UNITS = LEN - 1 a
 # document is exactly one training sequence; with UNITS = LEN (what icl.sh wrote before) every
 # sequence starts inside a document, and most queries lose the pairs they ask about.
-prefix="$DATA/recall_u${UNITS}_n${TRAIN_DOCS}_s${SYMBOLS}_v${VOCAB}${PAIRS:+_p$PAIRS}"
-step "data: $TRAIN_DOCS recall documents of $UNITS ids (+ EOD), vocabulary $VOCAB, $SYMBOLS symbols, ${PAIRS:-$((UNITS / 4)) (default)} pairs"
+prefix="$DATA/recall_u${UNITS}_n${TRAIN_DOCS}_s${SYMBOLS}_v${VOCAB}${PAIRS:+_p$PAIRS}$([ "$ORDER" = rounds ] || echo "_q$ORDER")"
+step "data: $TRAIN_DOCS recall documents of $UNITS ids (+ EOD), vocabulary $VOCAB, $SYMBOLS symbols, ${PAIRS:-$((UNITS / 4)) (default)} pairs, $ORDER query order"
 for split in train valid; do
     out="${prefix}_$split"
     [ -f "${out}_text_document.idx" ] && continue
@@ -80,9 +85,9 @@ for ckpt in "$run"/checkpoints/iter_*; do
         --num-docs "$EVAL_DOCS" --num-symbols "$SYMBOLS" "${PAIRS_ARG[@]}" --threads 1 --output "$run/eval/$it" > /dev/null
 done
 "$PY" examples/icl_baseline_report.py --run "$run" --name "$MODEL" \
-    --note "$LAYERS layers, recall documents of $UNITS ids (${PAIRS:-$((UNITS / 4))} pairs) + EOD in $LEN-token sequences, $BATCH sequences/step, lr $LR"
+    --note "$LAYERS layers, recall documents of $UNITS ids (${PAIRS:-$((UNITS / 4))} pairs, $ORDER query order) + EOD in $LEN-token sequences, $BATCH sequences/step, lr $LR"
 last=$(ls -d "$run"/checkpoints/iter_* | tail -1)
-step "the last checkpoint against a shortcut: the least recently seen value (queries walk permutations of the keys)"
+step "the last checkpoint against a shortcut: the least recently seen value (right often when queries walk permutations of the keys, by chance when random)"
 "$PY" examples/icl_baseline_report.py --run "$run" --recency "$last" --num-symbols "$SYMBOLS" "${PAIRS_ARG[@]}" \
     2>/dev/null | tee "$run/recency.txt"
 step "done in $((SECONDS - START)) s: $run/steps.md"

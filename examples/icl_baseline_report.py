@@ -8,8 +8,10 @@ the table and the legend).
 
     python examples/icl_baseline_report.py --run RUN --recency RUN/checkpoints/iter_0010000 --num-pairs 4
 
-also checks one checkpoint against a shortcut the recall documents allow: their queries walk
-random permutations of the keys, so "the document's value seen longest ago" is often the answer.
+also checks one checkpoint against a shortcut the default recall documents allow: their queries
+walk random permutations of the keys, so "the document's value seen longest ago" is often the
+answer. With ``--query-order random`` (queries drawn uniformly, with repeats; the documents
+trained on with BASELINE_QUERY_ORDER=random) that value is right only by chance, ~1/pairs.
 It prints how often the model is right, how often its prediction is that value, and how often
 that value is right (on tools/evaluate.py's documents: seed 4321, the training length).
 """
@@ -81,7 +83,8 @@ def write(run: str, name: str, note: str, rows: list[dict]) -> list[str]:
     return [md_path, csv_path, png_path]
 
 
-def recency_shortcut(checkpoint: str, num_pairs: Optional[int], num_symbols: Optional[int], docs: int = 32) -> dict:
+def recency_shortcut(checkpoint: str, num_pairs: Optional[int], num_symbols: Optional[int], docs: int = 32,
+                     query_order: str = "rounds") -> dict:
     """On ``docs`` recall documents: the model's accuracy, how often its argmax is the least
     recently seen of the document's values, and how often that value is the answer."""
     import torch
@@ -92,6 +95,8 @@ def recency_shortcut(checkpoint: str, num_pairs: Optional[int], num_symbols: Opt
     loaded = load_model(checkpoint, None, num_symbols)
     length = loaded.train_seq_length or 128
     options = {} if num_pairs is None else {"num_pairs": num_pairs}
+    if query_order != "rounds":
+        options["query_order"] = query_order
     counts = {"queries": 0, "model_right": 0, "model_is_least_recent": 0, "least_recent_right": 0}
     for doc in generate_documents("recall", loaded.vocab, length, docs, 4321, **options):
         ids = [int(t) for t in doc.text.split()]
@@ -120,11 +125,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="also check this checkpoint against the least-recently-seen-value shortcut")
     p.add_argument("--num-pairs", type=int, default=None, help="--recency: pairs per document (as trained)")
     p.add_argument("--num-symbols", type=int, default=None, help="--recency: symbols (as trained)")
+    p.add_argument("--query-order", choices=("rounds", "random"), default="rounds",
+                   help="--recency: the recall documents' query order (as trained)")
     args = p.parse_args(argv)
     if args.recency:
-        c = recency_shortcut(args.recency, args.num_pairs, args.num_symbols)
+        c = recency_shortcut(args.recency, args.num_pairs, args.num_symbols, query_order=args.query_order)
         n = max(c["queries"], 1)
-        print(f"{args.recency} ({c['parameters'] / 1e6:.2f}M parameters), {c['queries']} queries: model right "
+        print(f"{args.recency} ({c['parameters'] / 1e6:.2f}M parameters), {c['queries']} queries "
+              f"({args.query_order} order): model right "
               f"{c['model_right'] / n:.3f}; its prediction is the least recently seen value {c['model_is_least_recent'] / n:.3f}; "
               f"that value alone is right {c['least_recent_right'] / n:.3f}")
         return 0

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=None,
                    help="recall: key-value pairs per document, the number the training data was made with "
                         "(tools/make_eval_data.py --num-pairs; default the same default, a quarter of the length)")
+    p.add_argument("--query-order", choices=("rounds", "random"), default="rounds",
+                   help="recall: the query order the training data was made with (tools/make_eval_data.py "
+                        "--query-order; default rounds)")
     p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots, per task")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--context-parallel-size", type=int, default=None,
@@ -72,6 +75,8 @@ def check(args: argparse.Namespace) -> Optional[str]:
         return f"--seq-length values must be >= 8, got {args.seq_length}"
     if args.num_pairs is not None and (args.num_pairs < 1 or "recall" not in args.task):
         return f"--num-pairs is recall's and must be >= 1, got {args.num_pairs} for --task {' '.join(args.task)}"
+    if args.query_order != "rounds" and "recall" not in args.task:
+        return f"--query-order is recall's, got it for --task {' '.join(args.task)}"
     if args.num_docs < 1 or args.batch_size < 1:
         return "--num-docs and --batch-size must be >= 1"
     if any(TASKS[t].needs_text for t in args.task) and not args.text:
@@ -101,9 +106,9 @@ def _fail(message: object) -> int:
     return 1
 
 
-def _recall_with_pairs(num_pairs: int) -> None:
-    """Make this process's recall documents hold ``num_pairs`` pairs (the registry's generator
-    with the option bound; evaluation code looks the task up by name)."""
+def _recall_with_options(**options) -> None:
+    """Make this process's recall documents hold ``num_pairs`` pairs and/or use ``query_order``
+    (the registry's generator with the options bound; evaluation code looks the task up by name)."""
     import dataclasses
     import functools
 
@@ -111,7 +116,7 @@ def _recall_with_pairs(num_pairs: int) -> None:
     from megatron_mosaic.evaluation.tasks import TASKS
 
     TASKS["recall"] = dataclasses.replace(TASKS["recall"],
-                                          generate=functools.partial(recall_document, num_pairs=num_pairs))
+                                          generate=functools.partial(recall_document, **options))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,8 +124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     problem = check(args)
     if problem:
         return _fail(problem)
-    if args.num_pairs is not None:
-        _recall_with_pairs(args.num_pairs)
+    recall_options = {k: v for k, v in (("num_pairs", args.num_pairs), ("query_order", args.query_order))
+                      if v is not None and (k, v) != ("query_order", "rounds")}
+    if recall_options:
+        _recall_with_options(**recall_options)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -157,6 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 results["context_parallel_size"] = cp
             if task == "recall" and args.num_pairs is not None:
                 results["num_pairs"] = args.num_pairs
+            if task == "recall" and args.query_order != "rounds":
+                results["query_order"] = args.query_order
             if not first:
                 continue
             print(table([results]), flush=True)

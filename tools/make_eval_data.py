@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=None,
                    help="recall: key-value pairs per document (default a quarter of --length, at most "
                         "--num-symbols); the rest of the document is queries")
+    p.add_argument("--query-order", choices=("rounds", "random"), default="rounds",
+                   help="recall: rounds (default) walks random permutations of the keys; random draws each "
+                        "query's key uniformly, with repeats (no least-recently-seen shortcut)")
     p.add_argument("--text", nargs="+", default=None, help="real-text corpus for multidoc and lm (jsonl/txt)")
     p.add_argument("--lm-eval", action="store_true",
                    help="write lm-evaluation-harness rows (each document's last answer) instead of documents")
@@ -70,8 +73,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise VocabError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
         if args.num_pairs is not None and args.task != "recall":
             raise VocabError(f"--num-pairs is recall's, not {args.task}'s")
+        if args.query_order != "rounds" and args.task != "recall":
+            raise VocabError(f"--query-order is recall's, not {args.task}'s")
         vocab = SymbolVocab(args.format, args.vocab_size, args.num_symbols)
         options = {} if args.num_pairs is None else {"num_pairs": args.num_pairs}
+        if args.query_order != "rounds":
+            options["query_order"] = args.query_order
         if options:  # a bad value fails here, before the output file is opened
             next(generate_documents(args.task, vocab, args.length, 1, args.seed, **options))
         source = TextSource(args.text, vocab) if args.text and TASKS[args.task].needs_text else None
@@ -94,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cli_error(PROG, err)
     print(f"wrote {count} {args.task} {'lm-eval rows' if args.lm_eval else 'documents'} of {args.length} units to {args.output} "
           f"(format {args.format}, {vocab.num_symbols} symbols per set"
-          + (f", {args.num_pairs} pairs per document)" if options else ")"))
+          + (f", {args.num_pairs} pairs per document" if args.num_pairs is not None else "")
+          + (f", {args.query_order} query order)" if args.query_order != "rounds" else ")"))
     return 0
 
 

@@ -19,20 +19,27 @@ def max_recall_pairs(length: int, num_symbols: int) -> int:
     return max(1, min(num_symbols, (length - 2) // 2))
 
 
+QUERY_ORDERS = ("rounds", "random")
+
+
 def recall_document(rng: random.Random, vocab: SymbolVocab, length: int,
-                    num_pairs: int | None = None) -> Document:
+                    num_pairs: int | None = None, query_order: str = "rounds") -> Document:
     """``k1 v1 ... kn vn`` then queries ``k v`` of earlier keys; each query's ``v`` is an answer.
 
     Keys are distinct within a document; values are drawn with replacement (so a value cannot be
-    inferred by elimination). Queries walk random permutations of the keys, which keeps
-    distances long; ``distance`` counts units from the key's previous occurrence (its pair or an
-    earlier query) to the query key.
+    inferred by elimination). With ``query_order="rounds"`` (the default) queries walk random
+    permutations of the keys, which keeps distances long but lets "the value seen longest ago"
+    guess right often; ``"random"`` draws each query's key uniformly, with repeats, so how long
+    ago a key was seen says nothing about which is asked next. ``distance`` counts units from the
+    key's previous occurrence (its pair or an earlier query) to the query key.
 
     ``num_pairs`` defaults to ``length // 4`` (clamped to what fits); given explicitly it must
     fit (1 to ``max_recall_pairs``), or VocabError says so.
     """
     if length < 4:
         raise VocabError(f"recall needs a length >= 4, got {length}")
+    if query_order not in QUERY_ORDERS:
+        raise VocabError(f"--query-order must be one of {', '.join(QUERY_ORDERS)}, got {query_order!r}")
     limit = max_recall_pairs(length, vocab.num_symbols)
     if num_pairs is not None and not 1 <= num_pairs <= limit:
         raise VocabError(f"--num-pairs must be in [1, {limit}] for recall documents of {length} units "
@@ -48,9 +55,12 @@ def recall_document(rng: random.Random, vocab: SymbolVocab, length: int,
     order: list[int] = []
     query = 0
     while doc.num_units + 2 <= length:
-        if not order:
-            order = rng.sample(keys, len(keys))
-        k = order.pop()
+        if query_order == "random":
+            k = rng.choice(keys)
+        else:
+            if not order:
+                order = rng.sample(keys, len(keys))
+            k = order.pop()
         position = doc.num_units
         doc.add([vocab.key(k)])
         doc.add([vocab.value(values[k])], {"query": query, "distance": position - last_seen[k]})

@@ -93,3 +93,51 @@ def test_recall_documents_hold_exactly_num_pairs(pairs):
                    for i, s in enumerate(doc.segments) if s.answer is not None]
         assert len(queries) == (127 - 2 * pairs) // 2  # the rest of the document is queries
         assert all(answer_of[k] == v for k, v in queries)
+
+
+def test_random_query_order_breaks_the_rounds_and_leaves_the_default_alone(tmp_path):
+    """``query_order="random"`` draws each query's key uniformly (so keys repeat within a round of
+    len(keys) queries, which the default permutation walk never does), keeps every answer and
+    ``distance`` right, and the default stays the rounds walk; the CLI passes the option on."""
+    import random
+
+    from megatron_mosaic.evaluation import SymbolVocab, VocabError
+    from megatron_mosaic.evaluation.synthetic import recall_document
+
+    vocab, pairs = SymbolVocab("ids", 512, 32), 4
+
+    def queries(doc):
+        ids = doc.text.split()
+        answer_of = dict(zip(ids[0:2 * pairs:2], ids[1:2 * pairs:2]))
+        out, position = [], 0
+        for s in doc.segments:
+            if s.answer is not None:
+                key = ids[position - 1]
+                assert answer_of[key] == s.text
+                seen = max(q for q in range(position - 1) if ids[q] == key and q % 2 == 0)
+                assert s.answer["distance"] == position - 1 - seen
+                out.append(key)
+            position += len(s.text.split())
+        return out
+
+    repeats_in_a_round = {"rounds": 0, "random": 0}
+    for order in repeats_in_a_round:
+        for seed in range(10):
+            keys = queries(recall_document(random.Random(seed), vocab, 127, num_pairs=pairs, query_order=order))
+            rounds = [keys[i:i + pairs] for i in range(0, len(keys) - pairs + 1, pairs)]
+            repeats_in_a_round[order] += sum(len(set(r)) < pairs for r in rounds)
+    assert repeats_in_a_round["rounds"] == 0 and repeats_in_a_round["random"] > 50
+    default = recall_document(random.Random(3), vocab, 24, num_pairs=pairs)  # the output before query_order existed
+    assert default.text == "23 44 16 40 31 70 38 56 31 70 38 56 23 44 16 40 16 40 23 44 31 70 38 56"
+    assert default.text == recall_document(random.Random(3), vocab, 24, num_pairs=pairs, query_order="rounds").text
+    with pytest.raises(VocabError, match="--query-order must be one of rounds, random"):
+        recall_document(random.Random(3), vocab, 127, query_order="recent")
+    out = tmp_path / "r.jsonl"
+    result = run(TOOL, "recall", "--output", str(out), "--num-docs", "1", "--length", "127", "--vocab-size", "512",
+                 "--num-symbols", "32", "--num-pairs", "4", "--seed", "5", "--query-order", "random")
+    assert result.returncode == 0 and "random query order" in result.stdout, result.stderr
+    from megatron_mosaic.evaluation.tasks import document_rng
+
+    [doc] = read_documents(str(out))
+    assert doc.text == recall_document(document_rng(5, "recall", 127, 0), vocab, 127, num_pairs=4,
+                                       query_order="random").text
