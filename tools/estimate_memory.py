@@ -19,7 +19,8 @@ DP x CP with --use-distributed-optimizer.
 Activations are the bytes autograd keeps between forward and backward, in fp32 floats per token
 per layer, measured on this repository's implementation (``SavedTensorMeter``, CPU, long-
 sequence code paths: banded short-term windows, shifted-causal long-term memory, whole
-documents) and fitted to the model shape: ``COEFFICIENTS`` below. bf16 scales them by the
+documents) and fitted to the model shape: ``COEFFICIENTS`` below, refitted by
+``tools/fit_activation_memory.py`` whenever the layers change. bf16 scales them by the
 measured bf16 / fp32 ratio of each model (Mosaic memories keep fp32 scans). 1F1B keeps
 min(PP, micro-batches) micro-batches in flight on the first stage, interleaving
 x (1 + (PP - 1) / (PP x VP)) (Megatron's accounting). The test checks the estimate against
@@ -39,9 +40,9 @@ GIB = 2**30
 # the sequence gather under SP (G), per-head retrieval term (H x (a + b x max(window, 64))), and
 # the part --recompute-granularity selective recomputes. d = hidden, f = ffn hidden.
 COEFFICIENTS = {
-    "mosaic-v2": dict(R=7.0, S_d=24.4, S_f=5.0, S_c=129.0, head=(36.5, 0.906), G=1.0, core_d=20.25,
+    "mosaic-v2": dict(R=7.0, S_d=26.16, S_f=5.0, S_c=332.3, head=(15.7, 0.296), G=1.0, core_d=24.66,
                       core_heads=True, bf16=0.85),
-    "mosaic-v1": dict(R=4.0, S_d=21.26, S_f=0.0, S_c=4.0, head=(86.6, 0.0), G=1.0, core_d=16.3,
+    "mosaic-v1": dict(R=4.0, S_d=17.18, S_f=0.0, S_c=6.0, head=(56.3, 0.0), G=1.0, core_d=12.2,
                       core_heads=True, bf16=0.96),
     "gpt": dict(R=7.0, S_d=6.0, S_f=5.0, S_c=0.0, head=(0.0, 0.0), G=0.5, core_d=0.0,
                 core_heads=False, bf16=0.57),

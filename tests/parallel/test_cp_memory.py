@@ -137,8 +137,9 @@ def _check_recurrence(sp: Splitter, rtol: float) -> None:
         w_scale = torch.randn(B, H, T, 1, generator=gen, dtype=torch.float64)
         r_full = resets if use_resets else None
         scaled, log_scale, _ = memory.linear_recurrence(x, decay_full, gain, r_full, None, chunk_size=2)
-        # A loss through both parts of the representation (the model normalises `scaled`).
-        loss = (scaled * w_out).sum() + (log_scale * w_scale).sum()
+        # A loss on `scaled` (the model normalises it) and on h = scaled · exp(log_scale) itself
+        # (log_scale is a reference point without a gradient of its own: h's is all in `scaled`).
+        loss = (scaled * w_out).sum() + (scaled * torch.exp(log_scale) * w_scale).sum()
         inputs = [x, decay_full] + ([gain] if gain is not None else [])
         want_grads = torch.autograd.grad(loss, inputs)
 
@@ -147,7 +148,7 @@ def _check_recurrence(sp: Splitter, rtol: float) -> None:
         lgain = None if gain is None else sp.split(gain)
         lres = None if r_full is None else sp.split(r_full, seq_dim=1)
         l_scaled, l_log, _ = parallel.linear_recurrence(lx, ldecay, lgain, lres, None, chunk_size=2)
-        ((l_scaled * sp.split(w_out)).sum() + (l_log * sp.split(w_scale)).sum()).backward()
+        ((l_scaled * sp.split(w_out)).sum() + (l_scaled * torch.exp(l_log) * sp.split(w_scale)).sum()).backward()
         assert_close(f"{label} scaled", sp.gather(l_scaled), scaled, rtol, 1e-12)
         assert_close(f"{label} log_scale", sp.gather(l_log), log_scale, rtol, 1e-12)
         assert_close(f"{label} dx", sp.gather(lx.grad), want_grads[0], rtol, 1e-12)
