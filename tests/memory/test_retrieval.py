@@ -205,7 +205,7 @@ def test_banded_blocks_match_reference(L, width, min_block):
         assert_close(gf, gs, 1e-4, 1e-4, what="banded grad")
 
 
-@pytest.mark.parametrize("T,banded", [(400, True), (100, False)])
+@pytest.mark.parametrize("T,banded", [(192, True), (100, False)])
 def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
     from megatron_mosaic.memory import retrieval
 
@@ -213,7 +213,7 @@ def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
     real = retrieval._banded_causal
     monkeypatch.setattr(retrieval, "_banded_causal", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     gen = torch.Generator().manual_seed(11)
-    # width 19 < 32: blocks of >= 32 queries; T = 400 spans 12 (banded), T = 100 spans 3 (one dense band)
+    # width 19 < 32: blocks of >= 32 queries; T = 192 spans 5 (banded), T = 100 spans 3 (one dense band)
     vis = Visibility(1, 20)
     q, k, v = _qkv(1, 2, T, T, 4, gen, scale=2.0)
     layout = SequenceLayout.contiguous(1, T)
@@ -238,7 +238,7 @@ def test_consecutive_blocks_match_reference(vis, monkeypatch):
     assert (y[~mask.any(dim=-1).expand_as(y[..., 0])] == 0).all()
 
 
-@pytest.mark.parametrize("vis,T,min_block", [(Visibility(1, 20), 400, 64), (Visibility(1, 5), 60, 4),
+@pytest.mark.parametrize("vis,T,min_block", [(Visibility(1, 20), 200, 32), (Visibility(1, 5), 60, 4),
                                              (Visibility(3, 9), 61, 4), (Visibility(1, 2), 33, 3)], ids=str)
 def test_banded_documents_match_reference(vis, T, min_block, monkeypatch):
     """Packed documents + a window: the banded path (no (T, T) mask) against the full reference."""
