@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -20,8 +21,22 @@ def restore_threads():
 
 
 def _launcher(env: dict) -> subprocess.Popen:
-    """A stand-in torchrun parent whose launch environment we choose."""
-    return subprocess.Popen(["sleep", "60"], env=env)
+    """A stand-in torchrun parent whose launch environment we choose. Returned once it runs
+    `sleep` with its environment in place: before its exec, /proc/PID/environ shows the forking
+    test process's, and just after it, nothing (a real torchrun has long been running)."""
+    proc = subprocess.Popen(["sleep", "60"], env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:  # exe first: an environ opened before the exec would still read the old one
+            if os.path.basename(os.readlink(f"/proc/{proc.pid}/exe")) == "sleep":
+                with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                    if f.read():
+                        return proc
+        except OSError:
+            pass
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the stand-in launcher did not start sleep in 30 s")
 
 
 def _cores() -> int:
