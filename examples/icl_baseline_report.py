@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a script: make the repository importable without installing
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from megatron_mosaic.evaluation.synthetic import QUERY_ORDERS, recall_options  # noqa: E402
 from tools._cli import cli_error  # noqa: E402
 
 
@@ -94,9 +95,7 @@ def recency_shortcut(checkpoint: str, num_pairs: Optional[int], num_symbols: Opt
 
     loaded = load_model(checkpoint, None, num_symbols)
     length = loaded.train_seq_length or 128
-    options = {} if num_pairs is None else {"num_pairs": num_pairs}
-    if query_order != "rounds":
-        options["query_order"] = query_order
+    options = recall_options(num_pairs, query_order)
     counts = {"queries": 0, "model_right": 0, "model_is_least_recent": 0, "least_recent_right": 0}
     for doc in generate_documents("recall", loaded.vocab, length, docs, 4321, **options):
         ids = [int(t) for t in doc.text.split()]
@@ -125,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="also check this checkpoint against the least-recently-seen-value shortcut")
     p.add_argument("--num-pairs", type=int, default=None, help="--recency: pairs per document (as trained)")
     p.add_argument("--num-symbols", type=int, default=None, help="--recency: symbols (as trained)")
-    p.add_argument("--query-order", choices=("rounds", "random"), default="rounds",
+    p.add_argument("--query-order", choices=QUERY_ORDERS, default="rounds",
                    help="--recency: the recall documents' query order (as trained)")
     args = p.parse_args(argv)
     if args.recency:

@@ -37,6 +37,7 @@ PROG = "evaluate"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_mosaic.evaluation.synthetic import QUERY_ORDERS
     from megatron_mosaic.evaluation.tasks import TASKS
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=None,
                    help="recall: key-value pairs per document, the number the training data was made with "
                         "(tools/make_eval_data.py --num-pairs; default the same default, a quarter of the length)")
-    p.add_argument("--query-order", choices=("rounds", "random"), default="rounds",
+    p.add_argument("--query-order", choices=QUERY_ORDERS, default="rounds",
                    help="recall: the query order the training data was made with (tools/make_eval_data.py "
                         "--query-order; default rounds)")
     p.add_argument("--output", default=None, help="directory for TASK.json, TASK.csv and the plots, per task")
@@ -124,10 +125,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     problem = check(args)
     if problem:
         return _fail(problem)
-    recall_options = {k: v for k, v in (("num_pairs", args.num_pairs), ("query_order", args.query_order))
-                      if v is not None and (k, v) != ("query_order", "rounds")}
-    if recall_options:
-        _recall_with_options(**recall_options)
+    from megatron_mosaic.evaluation.synthetic import recall_options
+
+    options = recall_options(args.num_pairs, args.query_order)
+    if options:
+        _recall_with_options(**options)
     import torch
     from transformers.utils import logging as hf_logging
 

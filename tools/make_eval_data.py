@@ -29,6 +29,7 @@ from megatron_mosaic.data.corpus import DataError  # noqa: E402
 from megatron_mosaic.evaluation import TASKS, SymbolVocab, TextSource, VocabError, generate_documents  # noqa: E402
 from megatron_mosaic.evaluation.documents import write_documents  # noqa: E402
 from megatron_mosaic.evaluation.lm_eval_data import lm_eval_rows, write_ids_tokenizer  # noqa: E402
+from megatron_mosaic.evaluation.synthetic import QUERY_ORDERS, recall_options  # noqa: E402
 from tools._cli import cli_error  # noqa: E402
 
 PROG = "make_eval_data"
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=None,
                    help="recall: key-value pairs per document (default a quarter of --length, at most "
                         "--num-symbols); the rest of the document is queries")
-    p.add_argument("--query-order", choices=("rounds", "random"), default="rounds",
+    p.add_argument("--query-order", choices=QUERY_ORDERS, default="rounds",
                    help="recall: rounds (default) walks random permutations of the keys; random draws each "
                         "query's key uniformly, with repeats (no least-recently-seen shortcut)")
     p.add_argument("--text", nargs="+", default=None, help="real-text corpus for multidoc and lm (jsonl/txt)")
@@ -76,9 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.query_order != "rounds" and args.task != "recall":
             raise VocabError(f"--query-order is recall's, not {args.task}'s")
         vocab = SymbolVocab(args.format, args.vocab_size, args.num_symbols)
-        options = {} if args.num_pairs is None else {"num_pairs": args.num_pairs}
-        if args.query_order != "rounds":
-            options["query_order"] = args.query_order
+        options = recall_options(args.num_pairs, args.query_order)
         if options:  # a bad value fails here, before the output file is opened
             next(generate_documents(args.task, vocab, args.length, 1, args.seed, **options))
         source = TextSource(args.text, vocab) if args.text and TASKS[args.task].needs_text else None

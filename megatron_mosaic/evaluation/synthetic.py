@@ -22,6 +22,15 @@ def max_recall_pairs(length: int, num_symbols: int) -> int:
 QUERY_ORDERS = ("rounds", "random")
 
 
+def recall_options(num_pairs: int | None, query_order: str = "rounds") -> dict:
+    """``recall_document`` keyword arguments for the tools' --num-pairs / --query-order, the
+    defaults left out (so a default run generates exactly what it did before these existed)."""
+    options: dict = {} if num_pairs is None else {"num_pairs": num_pairs}
+    if query_order != "rounds":
+        options["query_order"] = query_order
+    return options
+
+
 def recall_document(rng: random.Random, vocab: SymbolVocab, length: int,
                     num_pairs: int | None = None, query_order: str = "rounds") -> Document:
     """``k1 v1 ... kn vn`` then queries ``k v`` of earlier keys; each query's ``v`` is an answer.
