@@ -30,15 +30,52 @@ def leaky_keys(scaled: Tensor, log_scale: Tensor, key_scale: Tensor, scale_pow: 
     return averaged * (exponent.exp().view(1, -1, 1, 1) / (averaged.norm(dim=-1, keepdim=True) + eps))
 
 
-def gated_unit_keys(scaled: Tensor) -> Tensor:
-    """v2 unit keys Norm(k̄) from the gated scan's ``scaled`` output.
+def gated_unit_keys(scaled: Tensor, bandwidth: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """v2 unit keys Norm(k̄) from the gated scan's ``scaled`` output; with ``bandwidth`` β
+    (broadcastable (…, T, 1)) also their query copy Norm(k̄)·β: (keys, queries).
 
     k̄_t = scaled_t · exp(log_scale_t) with a positive factor per position, so Norm(k̄) =
     Norm(scaled) (unbounded gains would overflow k̄ itself). No eps: clamping at the smallest
     normal float keeps any scale of ``scaled`` exact.
     """
     scaled = scaled.float()
-    return scaled / scaled.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if bandwidth is None:
+        return _UnitRows.apply(scaled, None)[0]
+    return _UnitRows.apply(scaled, bandwidth.float().expand(*scaled.shape[:-1], 1))
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class _UnitRows(torch.autograd.Function):
+    """(x, β) -> (k, k·β), k = x / max(‖x‖, tiny) per row, with the backward written out:
+    g = g_k + g_q·β, g_x = (g - k (g·k)) / ‖x‖, g_β = g_q·k. Five full-size passes where
+    autograd's graph of the same formula takes about nine, plus its small ops (eager, each op
+    is a dispatch and a pass over memory; tests/memory compare it with autograd in float64)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, beta: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        inverse = norm.clamp_min(_TINY).reciprocal()
+        keys = x * inverse
+        queries = None if beta is None else keys * beta
+        ctx.save_for_backward(keys, inverse, norm, beta)
+        return keys, queries
+
+    @staticmethod
+    def backward(ctx, grad_keys: Tensor | None, grad_queries: Tensor | None):
+        keys, inverse, norm, beta = ctx.saved_tensors
+        grad_beta = None
+        g = grad_keys
+        if grad_queries is not None:
+            if ctx.needs_input_grad[1]:
+                grad_beta = (grad_queries * keys).sum(-1, keepdim=True)
+            g = grad_queries * beta if g is None else torch.addcmul(g, grad_queries, beta)
+        if g is None:
+            return None, grad_beta
+        # rows clamped at tiny have a constant 1/tiny factor: no projection term there
+        dot = (g * keys).sum(-1, keepdim=True).masked_fill(norm < _TINY, 0.0)
+        return torch.addcmul(g, keys, dot, value=-1) * inverse, grad_beta
 
 
 def exp10_scale(theta: Tensor) -> Tensor:
@@ -66,6 +103,28 @@ def value_scale(theta: Tensor, version: int) -> Tensor:
 
 def finish_values(mixed: Tensor, theta: Tensor, version: int, eps: float = 1e-10) -> Tensor:
     """Values from the peeked mix: Norm(c ṽ_t + (1-c) ṽ_{t+1}) · scale_h."""
-    mixed = mixed.float()
-    # scale_h / (‖·‖ + eps) per row first: one pass over the (B, H, T, D) values, not two
-    return mixed * (value_scale(theta, version) / (mixed.norm(dim=-1, keepdim=True) + eps))
+    return _ScaledRows.apply(mixed.float(), value_scale(theta, version), eps)
+
+
+class _ScaledRows(torch.autograd.Function):
+    """(m, s) -> m · s / (‖m‖ + eps) per row (s: (1, H, 1, 1) per-head scales), with the
+    backward written out (three full-size passes instead of autograd's five and its small ops):
+    g_m = r g - m · r (g·m) / ((‖m‖ + eps) ‖m‖), r = s / (‖m‖ + eps); g_s = Σ (g·m) / (‖m‖ + eps)."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor, scale: Tensor, eps: float) -> Tensor:
+        norm = torch.linalg.vector_norm(m, dim=-1, keepdim=True)
+        shifted = norm + eps
+        ratio = scale / shifted  # one (…, 1) factor per row: a single pass over the values
+        ctx.save_for_backward(m, norm, shifted, ratio)
+        return m * ratio
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        m, norm, shifted, ratio = ctx.saved_tensors
+        along = (grad * m).sum(-1, keepdim=True)
+        grad_scale = (along / shifted).sum((0, 2), keepdim=True) if ctx.needs_input_grad[1] else None
+        # m = 0 rows: along = 0 gives 0, as autograd's norm does (divided one factor at a time:
+        # the product of the two denominators would underflow to 0 in fp32)
+        coef = ratio * along / shifted / norm.clamp_min(_TINY)
+        return torch.addcmul(grad * ratio, m, coef, value=-1), grad_scale, None

@@ -7,6 +7,7 @@ shifted inputs (spec section 4), so torch's fused SDPA serves every memory.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -108,70 +109,86 @@ def _shifted_recall(q: Tensor, k: Tensor, v: Tensor, visibility: Visibility) -> 
     if d >= T or (w is not None and w <= d):  # every row empty
         return q.new_zeros(B, H, T, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())  # zero grads, not none
     L = T - d
-    qs, ks, vs = q[:, :, d:], k[:, :, :L], v[:, :, :L]
     # Shifted row j (query t = j + d) sees shifted keys i in [j - W + 1, j], W = w - d: never empty.
+    if w is not None and w - d < L and _band_plan(L, w - d)[0] > BANDED_MIN_BLOCKS:
+        return _banded(q, k, v, d, w - d)
+    qs, ks, vs = q[:, :, d:], k[:, :, :L], v[:, :, :L]
     if w is None or w - d >= L:
         y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=1.0)
-    elif _band_plan(L, w - d)[0] <= BANDED_MIN_BLOCKS:  # few blocks: one dense (L, L) band is cheaper
+    else:  # few blocks: one dense (L, L) band is cheaper
         j = torch.arange(L, device=q.device)
         band = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - (w - d))
         y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=1.0)
-    else:
-        y = _banded_causal(qs, ks, vs, w - d)
     return F.pad(y, (0, 0, d, 0))  # rows t < delay see nothing: one pad, not zeros + cat
 
 
-def _windows(x: Tensor, nb: int, Bq: int, pad_end: int) -> Tensor:
-    """(B, H, L, ·) -> (B·nb, H, 2·Bq, ·): block n holds positions [(n-1)·Bq, (n+1)·Bq)."""
+def _windows(x: Tensor, nb: int, Bq: int, end: int) -> Tensor:
+    """(B, H, T, D) -> (B·H, nb, 2·Bq, D): block n holds positions [(n-1)·Bq, (n+1)·Bq) of x
+    padded by Bq rows in front and ``end`` at the back (negative: cropped)."""
     B, H, _, D = x.shape
-    x = F.pad(x, (0, 0, Bq, pad_end)).view(B, H, nb + 1, Bq, D)
-    x = torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)  # (B, H, nb, 2Bq, D)
-    return x.transpose(1, 2).reshape(B * nb, H, 2 * Bq, D)  # a view when B = 1
+    x = F.pad(x, (0, 0, Bq, end)).view(B, H, nb + 1, Bq, D)
+    # two neighbouring blocks side by side; split, whose backward is one cat (a slice's would
+    # zero-fill and copy the whole tensor)
+    x = torch.cat([x.split([nb, 1], dim=2)[0], x.split([1, nb], dim=2)[1]], dim=3)
+    return x.view(B * H, nb, 2 * Bq, D)
 
 
-def _banded_causal(q: Tensor, k: Tensor, v: Tensor, width: int, q_docs: Tensor | None = None,
-                   k_docs: Tensor | None = None, min_block: int = BANDED_MIN_ROWS) -> Tensor:
-    """Row j of q attends to keys [j - width + 1, j] of its own document, in O(L·width).
+def _band_mask(nb: int, Bq: int, width: int, device: torch.device) -> Tensor:
+    """(nb, Bq, 2Bq) bool: query a of block n (shifted row j = n·Bq + a) sees window column c
+    (key i = (n-1)·Bq + c) iff i in [j - width + 1, j]; block 0's first Bq columns are padding."""
+    a = torch.arange(Bq, device=device)[:, None]
+    c = torch.arange(2 * Bq, device=device)[None, :]
+    band = (c > a + Bq - width) & (c <= a + Bq)
+    return torch.cat([(band & (c >= Bq))[None], band.expand(nb - 1, Bq, 2 * Bq)])
 
-    Queries go in nb blocks of Bq >= width rows, so block n needs keys from blocks n-1 and n
-    only: a 2·Bq window, two neighbouring blocks of the front-padded keys side by side (one cat,
-    whose backward is two slices; an overlapping ``unfold`` window cost ~10 ms of
-    ``unfold_backward`` per long-shape step on CPU).
 
-    q, k, v: (B, H, L, ·); q_docs, k_docs: (B, L) document ids (None: one document, where every
-    row sees at least its own key). Padding keys and queries never match a real document. Rows
-    with no visible key (a document's first token) get every key of their window and are zeroed
-    afterwards, as in a masked recall.
+@functools.lru_cache(maxsize=32)
+def _band_bias(nb: int, Bq: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``_band_mask`` as SDPA's additive mask (0 or -inf), (1, nb, Bq, 2Bq); it depends on the
+    shape alone, so it is built once per shape (a float mask: SDPA converts a bool one on every
+    call). Never an inference-mode tensor, which autograd could not save for a later backward."""
+    with torch.inference_mode(False), torch.no_grad():
+        mask = _band_mask(nb, Bq, width, device)
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))[None]
+
+
+def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, docs: Tensor | None = None,
+            min_block: int = BANDED_MIN_ROWS) -> Tensor:
+    """Query t = j + delay reads keys [j - width + 1, j] (of its own document), in O(T·width).
+
+    Shifted rows go in nb blocks of Bq >= width rows, so block n needs keys from blocks n-1 and
+    n only: a 2·Bq window, two neighbouring blocks of the front-padded keys side by side (one cat,
+    whose backward is two splits; an overlapping ``unfold`` window cost ~10 ms of
+    ``unfold_backward`` per long-shape step on CPU). The blocks ride in SDPA's head dimension
+    and heads in its batch, (B·H, nb, ·, ·): views, no transposed copies, and one band mask for
+    every head. The shift and the block padding are one pad each (negative pads crop).
+
+    q, k, v: (B, H, T, ·); docs: (B, T) document starts (None: one document, where every row
+    sees at least its own key). Padding keys and queries never match a real document. Rows with
+    no visible key (a document's first token) get every key of their window and are zeroed
+    afterwards, as in a masked recall; rows t < delay are zero.
     """
-    B, H, L, D = q.shape
-    Dv = v.shape[-1]
+    B, H, T, D = q.shape
+    L = T - delay
     nb, Bq = _band_plan(L, width, min_block)
-    pad_end = nb * Bq - L
-    qb = F.pad(q, (0, 0, 0, pad_end)).view(B, H, nb, Bq, D).transpose(1, 2).reshape(B * nb, H, Bq, D)
-    kb, vb = _windows(k, nb, Bq, pad_end), _windows(v, nb, Bq, pad_end)
-    # Query a of block n is j = n·Bq + a; window column c holds key i = (n-1)·Bq + c.
-    a = torch.arange(Bq, device=q.device)[:, None]
-    c = torch.arange(2 * Bq, device=q.device)[None, :]
-    band = (c > a + Bq - width) & (c <= a + Bq)  # (Bq, 2Bq): i in [j - width + 1, j]
-    if q_docs is None:
-        first = band & (c >= Bq)  # block 0: the front padding is no key
-        mask = torch.stack([first, *[band] * (nb - 1)]).unsqueeze(1)  # (nb, 1, Bq, 2Bq)
-        if B > 1:
-            mask = mask.repeat(B, 1, 1, 1)
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=1.0)
-        nonempty = None
+    end = nb * Bq - L  # rows padded after the last block
+    qb = F.pad(q, (0, 0, -delay, end)).view(B * H, nb, Bq, D)
+    kb, vb = _windows(k, nb, Bq, end - delay), _windows(v, nb, Bq, end - delay)
+    if docs is None:
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=_band_bias(nb, Bq, width, q.device, q.dtype),
+                                           scale=1.0).view(B, H, nb * Bq, -1)
     else:
-        qdoc = F.pad(q_docs, (0, pad_end), value=-2).view(B, nb, Bq)
-        kdoc = F.pad(k_docs, (Bq, pad_end), value=-1).view(B, nb + 1, Bq)
+        qdoc = F.pad(docs, (-delay, end), value=-2).view(B, nb, Bq)
+        kdoc = F.pad(docs, (Bq, end - delay), value=-1).view(B, nb + 1, Bq)
         kdoc = torch.cat([kdoc[:, :-1], kdoc[:, 1:]], dim=2)  # (B, nb, 2Bq)
-        mask = band & (qdoc[..., :, None] == kdoc[..., None, :])  # (B, nb, Bq, 2Bq)
-        nonempty = mask.any(dim=-1, keepdim=True)
-        safe = (mask | ~nonempty).view(B * nb, 1, Bq, 2 * Bq)
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=safe, scale=1.0)
-    y = y.view(B, nb, H, Bq, Dv).transpose(1, 2).reshape(B, H, nb * Bq, Dv)
-    if nonempty is not None:
-        y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y, torch.zeros((), dtype=y.dtype, device=y.device))
-    return y[:, :, :L]
+        mask = _band_mask(nb, Bq, width, q.device) & (qdoc[..., :, None] == kdoc[..., None, :])
+        nonempty = mask.any(dim=-1, keepdim=True)  # (B, nb, Bq, 1)
+        bias = torch.zeros(B, 1, nb, Bq, 2 * Bq, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill_(~(mask | ~nonempty)[:, None], float("-inf")).expand(B, H, nb, Bq, 2 * Bq)
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias.reshape(B * H, nb, Bq, 2 * Bq), scale=1.0)
+        y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y.view(B, H, nb * Bq, -1),
+                        torch.zeros((), dtype=y.dtype, device=y.device))
+    return F.pad(y, (0, 0, delay, -end))
 
 
 def _banded_documents(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility: Visibility,
@@ -184,9 +201,7 @@ def _banded_documents(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility:
     d, w = visibility.delay, visibility.window
     if w is None or d >= T or w <= d or _band_plan(T - d, w - d, min_block)[0] <= BANDED_MIN_BLOCKS:
         return None
-    L = T - d
-    y = _banded_causal(q[:, :, d:], k[:, :, :L], v[:, :, :L], w - d, docs[:, d:], docs[:, :L], min_block)
-    return F.pad(y, (0, 0, d, 0))
+    return _banded(q, k, v, d, w - d, docs, min_block)
 
 
 # Rows per query block of _consecutive_recall: each block reads only the keys its rows can see, so

@@ -25,9 +25,11 @@ from .precision import fp32_region
 
 
 # Chunk length C. Per chunk the scan builds a C×C weight block, so the work is O(T·C·D) plus a
-# recursion of depth log_C(T); on CPU, fwd+bwd at T=256..2048 (head size 32-64) is ~2x faster
-# with C=16 than with C=64 (tools/bench_layers.py). Any C >= 1 gives the same recurrence.
-DEFAULT_CHUNK_SIZE = 16
+# recursion of depth log_C(T). On CPU, fwd+bwd of the v2 keys (scan and norm, 8 heads of 32,
+# one thread; medians of interleaved runs) takes, relative to C=16: C=8 0.77-0.95 at T=256 and
+# 0.81-0.84 at T=2048; C=4 and C=12 no better than 16; C=32 1.1-1.7, C=64 2.2-2.6 (the C×C
+# blocks outgrow the savings of a shallower recursion). Any C >= 1 gives the same recurrence.
+DEFAULT_CHUNK_SIZE = 8
 
 
 @dataclass
@@ -123,8 +125,9 @@ def _scan_fp32(
         if seg is not None:
             carry_l = carry_l.masked_fill(seg > 0, float("-inf"))
         scaled, m = _log_combine(scaled, m, in_v.unsqueeze(3), carry_l)
-    scaled = scaled.reshape(B, H, N * C, D)[:, :, :T]
-    m = m.reshape(B, H, N * C, 1)[:, :, :T]
+    scaled, m = scaled.reshape(B, H, N * C, D), m.reshape(B, H, N * C, 1)
+    if pad:  # a slice's backward zero-fills and copies the whole tensor: only when it cuts
+        scaled, m = scaled[:, :, :T], m[:, :, :T]
     return scaled, m
 
 

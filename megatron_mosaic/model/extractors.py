@@ -103,16 +103,21 @@ class GatedKeyExtractor(MosaicModule):
         self.num_local_heads = config.num_attention_heads // self.tp_size
 
     def features(self, key: Tensor, gate: Tensor, decay: Tensor, context: MemoryContext,
-                 dtype: torch.dtype, heads: int | None = None) -> Tensor:
+                 dtype: torch.dtype, heads: int | None = None, bandwidth: Tensor | None = None):
         """(W_φ x, W_g x, W_λ x) -> unit keys (b, heads, s, hs) in ``dtype`` (the gated scan
         and norm). ``heads`` (default H_local): the inputs hold that many heads side by side,
-        e.g. two memories' (the extractor has no parameters, every head's math is the same)."""
+        e.g. two memories' (the extractor has no parameters, every head's math is the same).
+        ``bandwidth`` β (b, heads, s, 1): also return the query copy keys·β, (keys, queries),
+        from the same pass over the keys."""
         raw = split_heads(key, heads or self.num_local_heads).float()
         log_gain = gate.float().permute(1, 2, 0).unsqueeze(-1)  # (b, H_local, s, 1)
         log_decay = -decay.float().abs().permute(1, 2, 0).unsqueeze(-1)
         scaled, _, _ = linear_recurrence(raw, log_decay=log_decay, log_gain=log_gain, resets=context.resets,
                                          group=context.cp_group)
-        return gated_unit_keys(scaled).to(dtype)
+        if bandwidth is None:
+            return gated_unit_keys(scaled).to(dtype)
+        keys, queries = gated_unit_keys(scaled, bandwidth)
+        return keys.to(dtype), queries.to(dtype)
 
 
 class ValueExtractor(MosaicModule):

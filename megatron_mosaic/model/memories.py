@@ -126,20 +126,17 @@ class AssociativeMemory(MosaicModule):
         visibility = self.visibility(context)
 
         def core(key: Tensor, gate: Tensor, decay: Tensor, value: Tensor) -> Tensor:  # recomputed
-            keys = self.key_extractor.features(key, gate, decay, context, x.dtype)
+            keys, queries = self.key_extractor.features(key, gate, decay, context, x.dtype,
+                                                        bandwidth=self.bandwidth(visibility, context))
             values = self.value_extractor.features(value, context, x.dtype)
-            return self.retrieve(keys, values, visibility, context)
+            return recall(queries, keys, values, visibility, context)
 
         return maybe_checkpoint(recompute_memory_core(self.config), core, *self.projection(x))
 
-    def retrieve(self, keys: Tensor, values: Tensor, visibility: Visibility, context: MemoryContext) -> Tensor:
-        """Recall with the adaptive bandwidth β_t on the query copy of the unit keys."""
-        counts = visibility.visible_counts(context.layout)
-        beta = adaptive_bandwidth(
-            self.bandwidth_theta0.float(), self.bandwidth_theta1.float(), self.bandwidth_theta_alpha.float(), counts,
-        )
-        queries = (keys.float() * beta).to(keys.dtype)
-        return recall(queries, keys, values, visibility, context)
+    def bandwidth(self, visibility: Visibility, context: MemoryContext) -> Tensor:
+        """β_t (b, H_local, s, 1) for the query copy of the unit keys."""
+        return adaptive_bandwidth(self.bandwidth_theta0.float(), self.bandwidth_theta1.float(),
+                                  self.bandwidth_theta_alpha.float(), visibility.visible_counts(context.layout))
 
 
 class LongShortMemory(MosaicModule):
@@ -168,17 +165,18 @@ class LongShortMemory(MosaicModule):
             # and a pass over memory, and the memories' features are most of v2's ops.
             key, gate, decay, value = (torch.cat(pair, dim=-1) for pair in zip(parts[:4], parts[4:]))
             H = short.key_extractor.num_local_heads
-            keys = short.key_extractor.features(key, gate, decay, context, x.dtype, heads=2 * H)
-            values = short.value_extractor.features(value, context, x.dtype, others=(long.value_extractor,))
             counts = torch.stack([visibility.visible_counts(context.layout) for visibility in visibilities], dim=1)
             beta = adaptive_bandwidth(
                 torch.cat([short.bandwidth_theta0, long.bandwidth_theta0]).float(),
                 torch.cat([short.bandwidth_theta1, long.bandwidth_theta1]).float(),
                 torch.cat([short.bandwidth_theta_alpha, long.bandwidth_theta_alpha]).float(), counts,
             )
-            queries = (keys.float() * beta).to(keys.dtype)
-            ys = [recall(queries[:, i * H:(i + 1) * H], keys[:, i * H:(i + 1) * H], values[:, i * H:(i + 1) * H],
-                         visibility, context) for i, visibility in enumerate(visibilities)]
+            keys, queries = short.key_extractor.features(key, gate, decay, context, x.dtype, heads=2 * H,
+                                                         bandwidth=beta)
+            values = short.value_extractor.features(value, context, x.dtype, others=(long.value_extractor,))
+            # split, not slices: its backward is one cat, a slice's zero-fills the whole tensor
+            ys = [recall(q, k, v, visibility, context) for q, k, v, visibility in
+                  zip(queries.split(H, dim=1), keys.split(H, dim=1), values.split(H, dim=1), visibilities)]
             # [s, b, H_local·2hs] ordered [short_h ; long_h] per head: one copy straight to the
             # projection's layout (merge_heads of a stack would copy twice).
             s, b = ys[0].shape[2], ys[0].shape[0]

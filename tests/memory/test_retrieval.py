@@ -188,7 +188,7 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("L,width,min_block", [(1, 1, 3), (10, 1, 3), (17, 4, 3), (17, 5, 4), (30, 29, 4),
                                                (23, 40, 4)])
 def test_banded_blocks_match_reference(L, width, min_block):
-    from megatron_mosaic.memory.retrieval import _banded_causal
+    from megatron_mosaic.memory.retrieval import _banded
 
     gen = torch.Generator().manual_seed(L * width)
     q, k, v = _qkv(2, 2, L, L, 3, gen, scale=2.0)
@@ -198,7 +198,7 @@ def test_banded_blocks_match_reference(L, width, min_block):
     leaves64 = [t.clone().requires_grad_() for t in (q, k, v)]
     leaves32 = [t.float().clone().requires_grad_() for t in (q, k, v)]
     y_ref, _ = ref.recall(*leaves64, mask)
-    y = _banded_causal(*leaves32, width, min_block=min_block)
+    y = _banded(*leaves32, 0, width, min_block=min_block)
     assert_close(y, y_ref, what="banded")
     upstream = torch.randn(y.shape, generator=gen, dtype=f64)
     for gf, gs in zip(grads(y, leaves32, upstream), grads(y_ref, leaves64, upstream)):
@@ -210,8 +210,8 @@ def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
     from megatron_mosaic.memory import retrieval
 
     calls = []
-    real = retrieval._banded_causal
-    monkeypatch.setattr(retrieval, "_banded_causal", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = retrieval._banded
+    monkeypatch.setattr(retrieval, "_banded", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     gen = torch.Generator().manual_seed(11)
     # width 19 < 32: blocks of >= 32 queries; T = 192 spans 5 (banded), T = 100 spans 3 (one dense band)
     vis = Visibility(1, 20)
