@@ -89,9 +89,9 @@ def layer_parameters(m: Model, tp: int) -> float:
     """Parameters of one layer on one TP rank (TP-split matrices and per-head scalars)."""
     d, h, f = m.hidden, m.heads, m.ffn
     if m.kind == "mosaic-v2":
-        # Per memory: one fused [W_k; W_v; W_g; W_lambda] GEMM and 5 per-head scalars.
-        memory = _fused((2 * d + 2 * h) / tp) * d + 5 * h / tp
-        return 2 * memory + (2 * d * d + 3 * d * f) / tp + 2 * d
+        # Both memories' [W_k; W_g; W_lambda; W_v] in one fused GEMM, 5 per-head scalars each.
+        memories = _fused(2 * (2 * d + 2 * h) / tp) * d + 2 * 5 * h / tp
+        return memories + (2 * d * d + 3 * d * f) / tp + 2 * d
     if m.kind == "mosaic-v1":
         p = m.persistent_memory_size or round(3.5 * d)
         # Fused [W_k; W_v] of the contextual memory and W_k of the persistent one, with biases.

@@ -68,7 +68,10 @@ class FusedProjection(MosaicModule):
     otherwise), so the initial weights are the separate linears' and do not depend on TP.
     """
 
-    def __init__(self, config, linears, parts: Sequence[Part], init_method: Callable, bias: bool, tp_group=None):
+    def __init__(self, config, linears, parts: Sequence[Part], init_method: Callable, bias: bool, tp_group=None,
+                 draw: bool = True):
+        """``draw`` False: the parts are left for ``draw(indices, ...)`` calls by the owner, which
+        can then interleave them with its other draws (the order the separate modules drew in)."""
         from .extractors import column_linear  # extractors imports this module's users
 
         super().__init__(config, tp_group)
@@ -88,19 +91,24 @@ class FusedProjection(MosaicModule):
             # Megatron marks the weight TP-split only inside its own initialisation, skipped
             # here; unmarked, the gradient norm and clipping would count it on TP rank 0 only.
             set_tensor_model_parallel_attributes(self.linear.weight, is_parallel=True, dim=0, stride=1)
-        self._initialise(config, init_method, heads)
+        with torch.no_grad():
+            # Always, also when the weights come from a checkpoint later: uninitialised pad rows
+            # could hold NaN bits, and 0 · NaN would reach the input gradient.
+            self.linear.weight[sum(self.widths):].zero_()
+            if self.linear.bias is not None:
+                self.linear.bias.zero_()
+        if draw:
+            self.draw(range(len(self.parts)), init_method)
 
     @torch.no_grad()
-    def _initialise(self, config, init_method: Callable, heads: int) -> None:
-        weight = self.linear.weight
-        if config.perform_initialization:
-            for part, piece in zip(self.parts, self.split(weight)):
-                piece.copy_(self._draw(config, init_method, heads * part.per_head, piece))
-        # Always, also when the weights come from a checkpoint later: uninitialised pad rows
-        # could hold NaN bits, and 0 · NaN would reach the input gradient.
-        weight[sum(self.widths):].zero_()
-        if self.linear.bias is not None:
-            self.linear.bias.zero_()
+    def draw(self, indices, init_method: Callable) -> None:
+        """Draw the parts at ``indices``, in that order (nothing without perform_initialization)."""
+        if not self.config.perform_initialization:
+            return
+        pieces = self.split(self.linear.weight)
+        for i in indices:
+            rows = self.config.num_attention_heads * self.parts[i].per_head
+            pieces[i].copy_(self._draw(self.config, init_method, rows, pieces[i]))
 
     def _draw(self, config, init_method: Callable, full_rows: int, piece: Tensor) -> Tensor:
         if config.use_cpu_initialization:  # as _initialize_affine_weight_cpu: full fp32 master, our rows
@@ -124,9 +132,11 @@ class FusedProjection(MosaicModule):
         pad = torch.zeros(self.pad, *first.shape[1:], dtype=first.dtype, device=first.device)
         return torch.cat([*pieces, pad], dim=0)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, x: Tensor, together: int = 1) -> tuple[Tensor, ...]:
+        """One tensor per part, or per run of ``together`` consecutive parts (views either way)."""
         out = self.linear(x)[0]
-        return tuple(out.split([*self.widths, self.pad], dim=-1)[: len(self.parts)])
+        widths = [sum(self.widths[i:i + together]) for i in range(0, len(self.widths), together)]
+        return tuple(out.split([*widths, self.pad], dim=-1)[: len(widths)])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The linear's state with its weight and bias stored as the separate parts (see the

@@ -1,11 +1,11 @@
 """The memory units of a Mosaic block, heads split across tensor-parallel ranks.
 
 v1: ContextualMemory (pairs i < t) and PersistentMemory (trained slots, replaces the FFN).
-v2: AssociativeMemory (one short- or long-term memory, no output projection) and LongShortMemory
-    (both, with one output projection over their concatenated heads).
+v2: AssociativeMemory (one short- or long-term memory's own parameters) and LongShortMemory
+    (both, with one input GEMM and one output projection over their concatenated heads).
 Inputs are [s, b, d]; outputs [s, b, d] after the RowParallelLinear (all-reduce over TP).
-Each memory projects its input with one fused column-parallel GEMM (model/fused_projection.py)
-and hands the pieces to its key and value extractors.
+The projections of the same input are one fused column-parallel GEMM (model/fused_projection.py):
+per v1 memory, and for both v2 memories together; its pieces go to the key and value extractors.
 Under sequence parallelism inputs and outputs are [s/TP, b, d]: each memory gathers the sequence
 once before its projections and the output projection reduce-scatters it again.
 """
@@ -98,19 +98,23 @@ class PersistentMemory(MosaicModule):
 
 
 class AssociativeMemory(MosaicModule):
-    """One v2 memory (short- or long-term): gated keys, peeking values, adaptive bandwidth
-    β_t = β₁·n_t^α + β₀ on the query copy. Returns head outputs (b, H_local, s, hs)."""
+    """One v2 memory's own parameters (short- or long-term): gated keys, peeking values, adaptive
+    bandwidth β_t = β₁·n_t^α + β₀ on the query copy. Its projections live in the owning
+    LongShortMemory's fused GEMM, under this memory's names."""
 
-    def __init__(self, config: MosaicConfig, submodules: MemoryLinears, init_method: Callable, kind: str, tp_group=None):
+    @staticmethod
+    def parts(config: MosaicConfig) -> list[Part]:
+        """W_φ, W_g, W_λ, W_v under their names in this memory, in the order they are drawn."""
+        hs = config.head_dim
+        return [Part("key_extractor.linear_key", hs), Part("key_extractor.linear_gate", 1),
+                Part("key_extractor.linear_decay", 1), Part("value_extractor.linear_value", hs)]
+
+    def __init__(self, config: MosaicConfig, kind: str, tp_group=None):
         super().__init__(config, tp_group)
         if kind not in ("short", "long"):
             raise ValueError(f"AssociativeMemory kind must be 'short' or 'long', got {kind!r}")
-        heads, hs = config.num_attention_heads, config.head_dim
+        heads = config.num_attention_heads
         self.kind = kind
-        # W_φ, W_g, W_λ, W_v in one GEMM, drawn in the order the separate linears were.
-        parts = [Part("key_extractor.linear_key", hs), Part("key_extractor.linear_gate", 1),
-                 Part("key_extractor.linear_decay", 1), Part("value_extractor.linear_value", hs)]
-        self.projection = FusedProjection(config, submodules, parts, init_method, False, tp_group=self.tp_group)
         self.key_extractor = GatedKeyExtractor(config, tp_group=self.tp_group)
         self.value_extractor = ValueExtractor(config, tp_group=self.tp_group)
         self.bandwidth_theta0 = self.per_head_parameter(torch.full((heads,), config.bandwidth_theta_init))
@@ -122,27 +126,15 @@ class AssociativeMemory(MosaicModule):
             return Visibility(delay=1, window=self.config.short_term_window)
         return Visibility(delay=int(context.long_term_delay))
 
-    def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
-        visibility = self.visibility(context)
-
-        def core(key: Tensor, gate: Tensor, decay: Tensor, value: Tensor) -> Tensor:  # recomputed
-            keys, queries = self.key_extractor.features(key, gate, decay, context, x.dtype,
-                                                        bandwidth=self.bandwidth(visibility, context))
-            values = self.value_extractor.features(value, context, x.dtype)
-            return recall(queries, keys, values, visibility, context)
-
-        return maybe_checkpoint(recompute_memory_core(self.config), core, *self.projection(x))
-
-    def bandwidth(self, visibility: Visibility, context: MemoryContext) -> Tensor:
-        """β_t (b, H_local, s, 1) for the query copy of the unit keys."""
-        return adaptive_bandwidth(self.bandwidth_theta0.float(), self.bandwidth_theta1.float(),
-                                  self.bandwidth_theta_alpha.float(), visibility.visible_counts(context.layout))
-
 
 class LongShortMemory(MosaicModule):
     """v2 short- and long-term memories with one output projection W_o (2d -> d).
 
-    The projection input is ordered per head, [short_h ; long_h] for h = 0..H-1, so the
+    Both memories' projections are one GEMM whose output is laid out per kind,
+    [key_short ; key_long ; gate_short ; gate_long ; decay_… ; value_…], so the pieces the shared
+    key scan and value peek take are views (no concatenation), each memory's parts keep their
+    checkpoint names, and they are drawn in the order the memories' own linears were.
+    The projection input of W_o is ordered per head, [short_h ; long_h] for h = 0..H-1, so the
     contiguous RowParallelLinear split of its input gives each TP rank exactly its heads.
     """
 
@@ -150,8 +142,14 @@ class LongShortMemory(MosaicModule):
                  output_init_method: Optional[Callable] = None, tp_group=None):
         super().__init__(config, tp_group)
         d = config.hidden_size
-        self.short_term = AssociativeMemory(config, submodules, init_method, "short", tp_group=self.tp_group)
-        self.long_term = AssociativeMemory(config, submodules, init_method, "long", tp_group=self.tp_group)
+        parts = [Part(f"{kind}.{p.name}", p.per_head) for p in AssociativeMemory.parts(config)
+                 for kind in ("short_term", "long_term")]
+        self.projection = FusedProjection(config, submodules, parts, init_method, False, tp_group=self.tp_group,
+                                          draw=False)
+        self.projection.draw([0, 2, 4, 6], init_method)  # each memory's linears, then its own scalars
+        self.short_term = AssociativeMemory(config, "short", tp_group=self.tp_group)
+        self.projection.draw([1, 3, 5, 7], init_method)
+        self.long_term = AssociativeMemory(config, "long", tp_group=self.tp_group)
         self.linear_proj = row_linear(submodules, config, 2 * d, d, output_init_method or init_method, False, self.tp_group)
 
     def forward(self, x: Tensor, context: MemoryContext) -> Tensor:
@@ -159,11 +157,10 @@ class LongShortMemory(MosaicModule):
         short, long = self.short_term, self.long_term
         visibilities = (short.visibility(context), long.visibility(context))
 
-        def core(*parts: Tensor) -> Tensor:  # recomputed under selective recompute
+        def core(key: Tensor, gate: Tensor, decay: Tensor, value: Tensor) -> Tensor:  # recomputed under selective recompute
             # The two memories' heads side by side through one key scan, one value peek and one
             # norm of each kind (every head's math is independent): eager, each op is a dispatch
             # and a pass over memory, and the memories' features are most of v2's ops.
-            key, gate, decay, value = (torch.cat(pair, dim=-1) for pair in zip(parts[:4], parts[4:]))
             H = short.key_extractor.num_local_heads
             counts = torch.stack([visibility.visible_counts(context.layout) for visibility in visibilities], dim=1)
             beta = adaptive_bandwidth(
@@ -182,5 +179,5 @@ class LongShortMemory(MosaicModule):
             s, b = ys[0].shape[2], ys[0].shape[0]
             return torch.stack([y.permute(2, 0, 1, 3) for y in ys], dim=3).reshape(s, b, -1)
 
-        both = maybe_checkpoint(recompute_memory_core(self.config), core, *short.projection(x), *long.projection(x))
+        both = maybe_checkpoint(recompute_memory_core(self.config), core, *self.projection(x, together=2))
         return self.linear_proj(both)[0]

@@ -37,12 +37,12 @@ def _projections(model) -> list[FusedProjection]:
 def test_one_gemm_per_memory_with_fp8_legal_width(version):
     model = MosaicModel(tiny_config(version), VOCAB, eod_token_id=EOD)
     fused = _projections(model)
-    assert len(fused) == 2 * model.config.num_layers  # v1: contextual + persistent; v2: short + long
+    # v1: contextual + persistent memory; v2: short- and long-term memory in one GEMM
+    assert len(fused) == (2 if version == 1 else 1) * model.config.num_layers
     linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear)]
-    per_layer = 3 if version == 2 else 2  # the fused ones (+ v2's SwiGLU fc1)
-    assert len(linears) == per_layer * model.config.num_layers + 1  # + the output layer
+    assert len(linears) == 2 * model.config.num_layers + 1  # the fused ones (+ v2's SwiGLU fc1), output layer
     d, heads = model.config.hidden_size, model.config.num_attention_heads
-    want = {1: [2 * d, d], 2: [2 * d + 2 * heads]}[version]
+    want = {1: [2 * d, d], 2: [2 * (2 * d + 2 * heads)]}[version]
     for m in fused:
         weight = m.linear.weight  # TP-split on its rows: counted by every TP rank in grad norms
         assert weight.tensor_model_parallel and weight.partition_dim == 0 and weight.allreduce
@@ -99,9 +99,9 @@ def test_checkpoint_of_separate_projections_loads_and_is_still_the_format(model_
 
 def test_pad_rows_get_zero_gradients_and_stay_zero_under_adamw():
     torch.manual_seed(0)
-    model = MosaicModel(tiny_config(2, num_layers=1), VOCAB, eod_token_id=EOD)
+    model = MosaicModel(tiny_config(2, num_layers=1, num_attention_heads=2), VOCAB, eod_token_id=EOD)
     fused = _projections(model)
-    assert all(m.pad > 0 for m in fused)  # 2·32 + 2·4 = 72 channels, padded to 80
+    assert all(m.pad > 0 for m in fused)  # 2 memories x (2·32 + 2·2) = 136 channels, padded to 144
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
     tokens = packed_tokens(torch.Generator().manual_seed(1))
     for _ in range(3):
@@ -137,7 +137,7 @@ def test_throughput_flops_count_no_pad_rows():
     useful work, so a v2 layer counts 2 memories x (W_φ, W_v: d x d; W_g, W_λ: H x d), W_o, SwiGLU."""
     from megatron_mosaic.training.flops import matmul_weights
 
-    model = MosaicModel(tiny_config(2), VOCAB, eod_token_id=EOD)
+    model = MosaicModel(tiny_config(2, num_attention_heads=2), VOCAB, eod_token_id=EOD)
     assert all(m.pad > 0 for m in _projections(model))
     c = model.config
     d, h, f = c.hidden_size, c.num_attention_heads, c.ffn_hidden_size

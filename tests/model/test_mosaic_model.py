@@ -277,8 +277,8 @@ def test_v2_init_is_truncated_normal_per_layer():
         sigma = 1 / math.sqrt(2 * d * (l + 1))
         sigma2 = 1 / math.sqrt(2 * model.config.ffn_hidden_size * (l + 1))
         st = layer.memory.short_term
-        parts = logical_parameters(st)
-        weights = [parts["key_extractor.linear_key.weight"], parts["value_extractor.linear_value.weight"],
+        parts = logical_parameters(layer.memory)
+        weights = [parts["short_term.key_extractor.linear_key.weight"], parts["long_term.value_extractor.linear_value.weight"],
                    layer.memory.linear_proj.weight, layer.mlp.linear_fc1.weight]
         for w in weights:
             # std of N(0, σ²) truncated at ±3σ is 0.9866 σ
