@@ -152,7 +152,7 @@ def _band_bias(nb: int, Bq: int, width: int, device: torch.device, dtype: torch.
         return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))[None]
 
 
-def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, docs: Tensor | None = None,
+def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, starts: Tensor | None = None,
             min_block: int = BANDED_MIN_ROWS) -> Tensor:
     """Query t = j + delay reads keys [j - width + 1, j] (of its own document), in O(T·width).
 
@@ -163,10 +163,10 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, docs: Tenso
     and heads in its batch, (B·H, nb, ·, ·): views, no transposed copies, and one band mask for
     every head. The shift and the block padding are one pad each (negative pads crop).
 
-    q, k, v: (B, H, T, ·); docs: (B, T) document starts (None: one document, where every row
-    sees at least its own key). Padding keys and queries never match a real document. Rows with
-    no visible key (a document's first token) get every key of their window and are zeroed
-    afterwards, as in a masked recall; rows t < delay are zero.
+    q, k, v: (B, H, T, ·), one consecutive run; starts: (B, T) each token's document start as an
+    index of the run (``_run_starts``; None: one document, where every row sees at least its own
+    key). Rows with no visible key (a document's first tokens) get every key of their window and
+    are zeroed afterwards, as in a masked recall; rows t < delay are zero.
     """
     B, H, T, D = q.shape
     L = T - delay
@@ -174,34 +174,55 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, docs: Tenso
     end = nb * Bq - L  # rows padded after the last block
     qb = F.pad(q, (0, 0, -delay, end)).view(B * H, nb, Bq, D)
     kb, vb = _windows(k, nb, Bq, end - delay), _windows(v, nb, Bq, end - delay)
-    if docs is None:
+    if starts is None:
         y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=_band_bias(nb, Bq, width, q.device, q.dtype),
                                            scale=1.0).view(B, H, nb * Bq, -1)
     else:
-        qdoc = F.pad(docs, (-delay, end), value=-2).view(B, nb, Bq)
-        kdoc = F.pad(docs, (Bq, end - delay), value=-1).view(B, nb + 1, Bq)
-        kdoc = torch.cat([kdoc[:, :-1], kdoc[:, 1:]], dim=2)  # (B, nb, 2Bq)
-        mask = _band_mask(nb, Bq, width, q.device) & (qdoc[..., :, None] == kdoc[..., None, :])
-        nonempty = mask.any(dim=-1, keepdim=True)  # (B, nb, Bq, 1)
-        bias = torch.zeros(B, 1, nb, Bq, 2 * Bq, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill_(~(mask | ~nonempty)[:, None], float("-inf")).expand(B, H, nb, Bq, 2 * Bq)
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias.reshape(B * H, nb, Bq, 2 * Bq), scale=1.0)
+        # Key i (window column c of block n: i = (n-1)·Bq + c) is in row j's document iff i >=
+        # the start of query t = j + delay's document; the band (cached) does the rest. Rows
+        # whose key j is not in their document see nothing: they get the whole band (no NaN)
+        # and are zeroed; so are the padding rows.
+        row_start = F.pad(starts, (-delay, end)).view(B, nb, Bq, 1)
+        j = torch.arange(nb * Bq, device=q.device).view(1, nb, Bq, 1)
+        nonempty = (j >= row_start) & (j < L)
+        floor = torch.where(nonempty, row_start, -Bq).unsqueeze(1)  # (B, 1, nb, Bq, 1)
+        key_index = torch.arange(-Bq, nb * Bq, device=q.device).unfold(0, 2 * Bq, Bq).view(nb, 1, 2 * Bq)
+        visible = (key_index >= floor).expand(B, H, nb, Bq, 2 * Bq)
+        bias = torch.where(visible, _band_bias(nb, Bq, width, q.device, q.dtype)[0], float("-inf"))
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias.view(B * H, nb, Bq, 2 * Bq), scale=1.0)
         y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y.view(B, H, nb * Bq, -1),
                         torch.zeros((), dtype=y.dtype, device=y.device))
     return F.pad(y, (0, 0, delay, -end))
 
 
-def _banded_documents(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility: Visibility,
+def _banded_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, visibility: Visibility,
                       min_block: int = BANDED_MIN_ROWS) -> Tensor | None:
-    """A windowed rule over consecutive positions with document starts ``docs`` (B, T), banded
-    on the shifted rows (query t = j + delay sees keys j - W + 1 .. j, W = window - delay).
-    Returns None when the band spans too few blocks to pay off (the caller takes the dense mask).
-    """
+    """A windowed rule over one consecutive run with document ``starts`` (B, T, as indices of the
+    run), banded on the shifted rows (query t = j + delay sees keys j - W + 1 .. j, W = window -
+    delay). Returns None when the band spans too few blocks to pay off (the caller takes the
+    dense mask)."""
     T = q.shape[2]
     d, w = visibility.delay, visibility.window
     if w is None or d >= T or w <= d or _band_plan(T - d, w - d, min_block)[0] <= BANDED_MIN_BLOCKS:
         return None
-    return _banded(q, k, v, d, w - d, docs, min_block)
+    return _banded(q, k, v, d, w - d, starts, min_block)
+
+
+def _run_starts(layout: SequenceLayout) -> Tensor:
+    """(B, T) each token's document start as an index of its row's consecutive run (negative when
+    the document began before the run, e.g. on an earlier context-parallel chunk)."""
+    return layout.doc_starts - layout.positions[:, :1]
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_band_bias(rows: int, keys: int, offset: int, width: int | None, device: torch.device,
+                     dtype: torch.dtype) -> Tensor:
+    """(rows, keys) additive mask of shifted row j = offset + a against key i = c: 0 where
+    j - width < i <= j (no lower bound without a width), -inf elsewhere; built once per shape."""
+    with torch.inference_mode(False), torch.no_grad():
+        ahead = (offset + torch.arange(rows, device=device))[:, None] - torch.arange(keys, device=device)[None, :]
+        band = ahead >= 0 if width is None else (ahead >= 0) & (ahead < width)
+        return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))
 
 
 # Rows per query block of _consecutive_recall: each block reads only the keys its rows can see, so
@@ -210,33 +231,36 @@ def _banded_documents(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility:
 CAUSAL_BLOCK_ROWS = 256
 
 
-def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, visibility: Visibility,
+def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, visibility: Visibility,
                         block_rows: int | None = None) -> Tensor | None:
-    """Queries and keys the same consecutive run with document starts ``docs`` (B, T): shifted as
-    in the plain path (query t = j + delay reads keys i <= j of its document, i > j - W under a
-    window W = window - delay), in query blocks that each read, and mask, only the keys their
-    rows can see: no (T, T) mask at once, about half of one in all.
+    """Queries and keys the same consecutive run with document ``starts`` (B, T, as indices of the
+    run): shifted as in the plain path (query t = j + delay reads keys i <= j of its document,
+    i > j - W under a window W = window - delay), in query blocks that each read, and mask, only
+    the keys their rows can see: no (T, T) mask at once, about half of one in all.
     Returns None when every row is empty (the caller takes the masked path)."""
     T = q.shape[2]
     d, w = visibility.delay, visibility.window
     if d >= T or (w is not None and w <= d):
         return None
     L = T - d
-    j = torch.arange(L, device=q.device)
+    width = None if w is None else w - d
     nb = max(1, L // (block_rows or CAUSAL_BLOCK_ROWS))
     rows = -(-L // nb)
+    # row j's own key j is in its document iff j >= the start of query t = j + d's document;
+    # rows without it see nothing: they get the band (never empty, no NaN) and are zeroed
+    row_start = starts[:, d:]  # (B, L)
+    j = torch.arange(L, device=q.device)
+    nonempty = j >= row_start
     ys = []
     for s in range(0, L, rows):
         e = min(s + rows, L)
-        lo = 0 if w is None else max(0, s - (w - d) + 1)
-        ahead = j[s:e, None] - j[None, lo:e]  # shifted row minus key
-        band = ahead >= 0 if w is None else (ahead >= 0) & (ahead < w - d)
-        mask = band & (docs[:, d + s:d + e, None] == docs[:, None, lo:e])  # (B, rows, keys)
-        nonempty = mask.any(dim=-1, keepdim=True).unsqueeze(1)
-        y = F.scaled_dot_product_attention(q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e],
-                                           attn_mask=mask.unsqueeze(1) | ~nonempty, scale=1.0)
-        # empty rows read any key (never NaN) and are zeroed
-        ys.append(torch.where(nonempty, y, torch.zeros((), dtype=y.dtype, device=y.device)))
+        lo = 0 if width is None else max(0, s - width + 1)
+        floor = torch.where(nonempty[:, s:e], row_start[:, s:e], lo)[:, None, :, None]  # (B, 1, rows, 1)
+        band = _shift_band_bias(e - s, e - lo, s - lo, width, q.device, q.dtype)
+        bias = torch.where(torch.arange(lo, e, device=q.device) >= floor, band, float("-inf"))
+        y = F.scaled_dot_product_attention(q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e], attn_mask=bias,
+                                           scale=1.0)
+        ys.append(torch.where(nonempty[:, None, s:e, None], y, torch.zeros((), dtype=y.dtype, device=y.device)))
     y = ys[0] if nb == 1 else torch.cat(ys, dim=2)
     return F.pad(y, (0, 0, d, 0))
 
@@ -357,10 +381,10 @@ def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibilit
         return flex_recall(queries, keys, values, visibility.delay, visibility.window, query_layout, key_layout,
                            return_lse)
     if not return_lse and _is_consecutive_run(query_layout, key_layout):
-        docs = query_layout.doc_starts
-        y = None if visibility.window is None else _banded_documents(queries, keys, values, docs, visibility)
+        starts = _run_starts(query_layout)
+        y = None if visibility.window is None else _banded_documents(queries, keys, values, starts, visibility)
         if y is None:
-            y = _consecutive_recall(queries, keys, values, docs, visibility)
+            y = _consecutive_recall(queries, keys, values, starts, visibility)
         if y is not None:
             return y
     mask = visibility.mask(query_layout, key_layout)

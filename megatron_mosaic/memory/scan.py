@@ -16,6 +16,7 @@ same function recursively: memory B·H·T·(C + D), no T×T matrix, depth log_C(
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,26 @@ def _log_combine(v1: Tensor, l1: Tensor, v2: Tensor, l2: Tensor) -> tuple[Tensor
     return torch.addcmul(v1 * torch.exp(l1 - l), v2, torch.exp(l2 - l)), l
 
 
-def _triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(upper, strictly upper) C×C bool masks: the [t, s] pairs with s >= t and with s > t."""
-    upper = torch.ones(C, C, dtype=torch.bool, device=device).triu()
-    return upper, upper.triu(1)
+def _triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """C×C masks of one chunk: ``below`` fp32 1.0 where u > s (the a_u a weight w[t, s] sums),
+    ``hidden`` bool where s > t and ``hidden_bias`` fp32 -inf there, 0 elsewhere. A multiply and
+    an add of these cost less than masked_fill, whose backward broadcasts the bool mask over
+    every chunk again. Eager, they are built once per (C, device)."""
+    if torch.compiler.is_compiling():  # constants of the graph
+        return _build_triangles(C, device)
+    return _cached_triangles(C, device)
+
+
+def _build_triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    hidden = torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
+    return hidden.t().float(), hidden, torch.zeros(C, C, device=device).masked_fill(hidden, float("-inf"))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    # never inference-mode tensors: autograd saves ``below`` for a later backward
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_triangles(C, device)
 
 
 def _scan_fp32(
@@ -91,12 +108,14 @@ def _scan_fp32(
 
     # Intra-chunk weights log w[t, s] = g_s + Σ_{s<u≤t} a_u, s ≤ t, same segment. The segment sum
     # is summed directly (not A_t - A_s): no cancellation error when |A| is large (upper levels).
-    not_strict, hidden = _triangles(C, x.device)  # [u, s]: u <= s; [t, s]: s > t
-    seg_sum = a.masked_fill(not_strict, 0.0).cumsum(dim=-2)  # a_u where u > s, 0 elsewhere
+    below, hidden, hidden_bias = _triangles(C, x.device)  # [u, s]: u > s; [t, s]: s > t
+    seg_sum = (a * below).cumsum(dim=-2)  # a_u where u > s, 0 elsewhere
     logw = seg_sum + g.transpose(-1, -2)  # (B,H,N,C,C)
     if seg is not None:  # also hidden: s in an earlier segment than t
-        hidden = hidden | (seg != seg.transpose(-1, -2))
-    logw = logw.masked_fill(hidden, float("-inf"))
+        with torch.no_grad():
+            hidden_bias = torch.zeros_like(seg, dtype=logw.dtype).expand(-1, -1, -1, -1, C).masked_fill(
+                hidden | (seg != seg.transpose(-1, -2)), float("-inf"))
+    logw = logw + hidden_bias  # -inf where hidden: exp gives 0 and a zero gradient
     # m: finite (the diagonal g_t is always visible). A reference point, detached: h = scaled·e^m
     # whatever m is, and every consumer (products, Norm(scaled), the recursion) depends on h alone,
     # so m's own gradient path adds exactly zero (amax's backward was ~6 full-size ops).
