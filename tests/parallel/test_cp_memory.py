@@ -231,7 +231,10 @@ def memory_checks() -> None:
     sp = Splitter(_full_layout(dist.get_world_size(group)), group)
     _check_recall(sp, torch.float64, RULES, 1e-10)
     _check_recall(sp, torch.float32, [Visibility(1), Visibility(1, 5)], 1e-5)
-    _check_recurrence(sp, 2e-6)  # the scan computes in fp32 whatever the input dtype
+    # The scan computes in fp32 whatever the input dtype, and the two sides chunk differently
+    # (the ends of a chunk level form one chunk when few): the v1 decay's gradient, a sum over
+    # every position, differs by up to 2.7e-6 relative.
+    _check_recurrence(sp, 5e-6)
     _check_peek(sp, 1e-12)
     _check_v2_memory(sp, torch.float64, 2e-6)
     _check_v2_memory(sp, torch.float32, 1e-5)
