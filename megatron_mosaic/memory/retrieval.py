@@ -112,6 +112,8 @@ def _shifted_recall(q: Tensor, k: Tensor, v: Tensor, visibility: Visibility) -> 
     # Shifted row j (query t = j + d) sees shifted keys i in [j - W + 1, j], W = w - d: never empty.
     if w is not None and w - d < L and _band_plan(L, w - d)[0] > BANDED_MIN_BLOCKS:
         return _banded(q, k, v, d, w - d)
+    if w is None and 2 * BANDED_MIN_ROWS <= L < CAUSAL_SPLIT_BELOW.get(q.device.type, 0):
+        return _consecutive_recall(q, k, v, None, visibility, block_rows=-(-L // 2))
     qs, ks, vs = q[:, :, d:], k[:, :, :L], v[:, :, :L]
     if w is None or w - d >= L:
         y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=1.0)
@@ -227,16 +229,21 @@ def _shift_band_bias(rows: int, keys: int, offset: int, width: int | None, devic
 
 # Rows per query block of _consecutive_recall: each block reads only the keys its rows can see, so
 # nb blocks of a causal rule do (nb + 1) / (2 nb) of the dense work, at one SDPA call each (T =
-# 2048, delay 128: 7 blocks, 0.57 of the masked (T, T) product; T = 256: one block).
-CAUSAL_BLOCK_ROWS = 256
+# 2048, delay 128: 17 blocks, 0.53 of the masked (T, T) product; T = 256, delay 32: 2 blocks, 0.75).
+CAUSAL_BLOCK_ROWS = 112
+
+# Below this many keys, a causal SDPA call on the device computes the whole (L, L) square: CPU
+# flash attention skips the keys a row cannot see only in blocks of 512. There one document's
+# causal rule also goes in query blocks (two: 3/4 of the square).
+CAUSAL_SPLIT_BELOW = {"cpu": 512}
 
 
-def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, visibility: Visibility,
+def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, visibility: Visibility,
                         block_rows: int | None = None) -> Tensor | None:
     """Queries and keys the same consecutive run with document ``starts`` (B, T, as indices of the
-    run): shifted as in the plain path (query t = j + delay reads keys i <= j of its document,
-    i > j - W under a window W = window - delay), in query blocks that each read, and mask, only
-    the keys their rows can see: no (T, T) mask at once, about half of one in all.
+    run; None: one document): shifted as in the plain path (query t = j + delay reads keys i <= j
+    of its document, i > j - W under a window W = window - delay), in query blocks that each read,
+    and mask, only the keys their rows can see: no (T, T) mask at once, about half of one in all.
     Returns None when every row is empty (the caller takes the masked path)."""
     T = q.shape[2]
     d, w = visibility.delay, visibility.window
@@ -246,20 +253,26 @@ def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, visibil
     width = None if w is None else w - d
     nb = max(1, L // (block_rows or CAUSAL_BLOCK_ROWS))
     rows = -(-L // nb)
-    # row j's own key j is in its document iff j >= the start of query t = j + d's document;
-    # rows without it see nothing: they get the band (never empty, no NaN) and are zeroed
-    row_start = starts[:, d:]  # (B, L)
-    j = torch.arange(L, device=q.device)
-    nonempty = j >= row_start
+    if starts is not None:
+        # row j's own key j is in its document iff j >= the start of query t = j + d's document;
+        # rows without it see nothing: they get the band (never empty, no NaN) and are zeroed
+        row_start = starts[:, d:]  # (B, L)
+        nonempty = torch.arange(L, device=q.device) >= row_start
     ys = []
     for s in range(0, L, rows):
         e = min(s + rows, L)
         lo = 0 if width is None else max(0, s - width + 1)
+        qb, kb, vb = q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e]
+        if starts is None and s == lo:  # the top-left causal block: no mask to read
+            ys.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=1.0))
+            continue
+        bias = _shift_band_bias(e - s, e - lo, s - lo, width, q.device, q.dtype)
+        if starts is None:
+            ys.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0))
+            continue
         floor = torch.where(nonempty[:, s:e], row_start[:, s:e], lo)[:, None, :, None]  # (B, 1, rows, 1)
-        band = _shift_band_bias(e - s, e - lo, s - lo, width, q.device, q.dtype)
-        bias = torch.where(torch.arange(lo, e, device=q.device) >= floor, band, float("-inf"))
-        y = F.scaled_dot_product_attention(q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e], attn_mask=bias,
-                                           scale=1.0)
+        bias = torch.where(torch.arange(lo, e, device=q.device) >= floor, bias, float("-inf"))
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0)
         ys.append(torch.where(nonempty[:, None, s:e, None], y, torch.zeros((), dtype=y.dtype, device=y.device)))
     y = ys[0] if nb == 1 else torch.cat(ys, dim=2)
     return F.pad(y, (0, 0, d, 0))
