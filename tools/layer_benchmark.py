@@ -11,7 +11,9 @@ softmax are O(T d) and left out. Times are medians of interleaved fwd+bwd steps 
 
 from __future__ import annotations
 
+import importlib
 import statistics
+import sys
 import time
 
 import torch
@@ -26,18 +28,21 @@ GPU_SHAPE = dict(d=2048, heads=16, window=256, delay=64)  # the paper's small mo
 CPU_SHAPE = dict(d=64, heads=4, window=32, delay=16)
 
 
-def build(kind: str, d: int, heads: int, window: int, delay: int) -> torch.nn.Module:
-    """A one-layer model of ``kind`` (gpt, v1, v2), seeded, on the CPU."""
+def build(kind: str, d: int, heads: int, window: int, delay: int, package=None) -> torch.nn.Module:
+    """A one-layer model of ``kind`` (gpt, v1, v2), seeded, on the CPU; ``package``: another copy
+    of megatron_mosaic to build it with (tools/bench_memory_revision.py)."""
     common = dict(num_layers=1, hidden_size=d, num_attention_heads=heads, use_cpu_initialization=True)
+    model = sys.modules[__name__] if package is None else importlib.import_module(f"{package.__name__}.model")
     torch.manual_seed(0)
     if kind == "gpt":
-        return build_gpt_baseline(gpt_baseline_config(ffn_hidden_size=3 * d, **common), VOCAB, eod_token_id=EOD)
+        return model.build_gpt_baseline(model.gpt_baseline_config(ffn_hidden_size=3 * d, **common), VOCAB,
+                                        eod_token_id=EOD)
     if kind == "v1":
-        config = MosaicConfig(mosaic_version=1, persistent_memory_size=int(3.5 * d), **common)
+        config = model.MosaicConfig(mosaic_version=1, persistent_memory_size=int(3.5 * d), **common)
     else:
-        config = MosaicConfig(mosaic_version=2, ffn_hidden_size=3 * d, short_term_window=window,
-                              long_term_delay_range=(delay, delay), **common)
-    return MosaicModel(config, VOCAB, eod_token_id=EOD)
+        config = model.MosaicConfig(mosaic_version=2, ffn_hidden_size=3 * d, short_term_window=window,
+                                    long_term_delay_range=(delay, delay), **common)
+    return model.MosaicModel(config, VOCAB, eod_token_id=EOD)
 
 
 def compile_memory_features(model: torch.nn.Module) -> torch.nn.Module:
