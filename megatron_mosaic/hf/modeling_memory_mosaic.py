@@ -59,6 +59,7 @@ else:
     from .flex import flex_recall  # noqa: F401
     from .precision import fp32_region  # noqa: F401
     from .retrieval import Visibility, associative_recall
+    from .runs import shifted_recall  # noqa: F401
     from .values import peek_values
 
 

@@ -7,7 +7,6 @@ shifted inputs (spec section 4), so torch's fused SDPA serves every memory.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 from .flex import flex_recall, flex_supported
 from .layout import SequenceLayout
 from .precision import fp32_region, upcast
+from .runs import banded_documents, consecutive_recall, run_starts, shifted_recall
 
 
 @dataclass(frozen=True)
@@ -78,21 +78,6 @@ def _is_plain_shift(query_layout: SequenceLayout, key_layout: SequenceLayout) ->
     return _is_consecutive_run(query_layout, key_layout) and query_layout.uniform_documents
 
 
-# A windowed rule goes banded (blocks of >= max(window, BANDED_MIN_ROWS) queries, each against a
-# window of twice its rows) only when the band spans more than this many query blocks: the blocks
-# then do under 2/3 of the dense work. At 3 blocks or fewer one dense (T, T) band mask is as fast
-# on CPU, at 4 (the quickstart's window 64, T = 256) banded is ~1/3 faster (tools/bench_layers.py).
-BANDED_MIN_BLOCKS = 3
-BANDED_MIN_ROWS = 32
-
-
-def _band_plan(length: int, width: int, min_block: int = BANDED_MIN_ROWS) -> tuple[int, int]:
-    """(nb, Bq): as many query blocks as hold at least max(width, min_block) rows each, all of
-    Bq = ceil(length / nb) rows, so the end pads fewer than nb rows (2047 rows, width 255: 8 × 256)."""
-    nb = max(1, length // max(width, min_block, 1))
-    return nb, -(-length // nb)
-
-
 # Which kernel serves the rules that are not a plain shift (packed documents, context-parallel
 # blocks, lse), per device type: "flex" (FlexAttention block masks, memory/flex.py) or "sdpa"
 # (banded / masked SDPA). tools/bench_retrieval.py times both on a device and prints its pick.
@@ -100,182 +85,6 @@ def _band_plan(length: int, width: int, min_block: int = BANDED_MIN_ROWS) -> tup
 # CUDA: flex, the only path without a (T, T) mask for packed documents; still to be confirmed by
 # tools/gpu_check.py's retrieval benchmark on a GPU.
 RECALL_BACKEND = {"cpu": "sdpa", "cuda": "flex"}
-
-
-def _shifted_recall(q: Tensor, k: Tensor, v: Tensor, visibility: Visibility) -> Tensor:
-    """One consecutive single-document run: causal SDPA of q[delay:] against k[:T-delay]."""
-    B, H, T, _ = q.shape
-    d, w = visibility.delay, visibility.window
-    if d >= T or (w is not None and w <= d):  # every row empty
-        return q.new_zeros(B, H, T, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())  # zero grads, not none
-    L = T - d
-    # Shifted row j (query t = j + d) sees shifted keys i in [j - W + 1, j], W = w - d: never empty.
-    if w is not None and w - d < L and _band_plan(L, w - d)[0] > BANDED_MIN_BLOCKS:
-        return _banded(q, k, v, d, w - d)
-    if w is None and 2 * BANDED_MIN_ROWS <= L < CAUSAL_SPLIT_BELOW.get(q.device.type, 0):
-        return _consecutive_recall(q, k, v, None, visibility, block_rows=-(-L // 2))
-    qs, ks, vs = q[:, :, d:], k[:, :, :L], v[:, :, :L]
-    if w is None or w - d >= L:
-        y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=1.0)
-    else:  # few blocks: one dense (L, L) band is cheaper
-        j = torch.arange(L, device=q.device)
-        band = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - (w - d))
-        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=1.0)
-    return F.pad(y, (0, 0, d, 0))  # rows t < delay see nothing: one pad, not zeros + cat
-
-
-def _windows(x: Tensor, nb: int, Bq: int, end: int) -> Tensor:
-    """(B, H, T, D) -> (B·H, nb, 2·Bq, D): block n holds positions [(n-1)·Bq, (n+1)·Bq) of x
-    padded by Bq rows in front and ``end`` at the back (negative: cropped)."""
-    B, H, _, D = x.shape
-    x = F.pad(x, (0, 0, Bq, end)).view(B, H, nb + 1, Bq, D)
-    # two neighbouring blocks side by side; split, whose backward is one cat (a slice's would
-    # zero-fill and copy the whole tensor)
-    x = torch.cat([x.split([nb, 1], dim=2)[0], x.split([1, nb], dim=2)[1]], dim=3)
-    return x.view(B * H, nb, 2 * Bq, D)
-
-
-def _band_mask(nb: int, Bq: int, width: int, device: torch.device) -> Tensor:
-    """(nb, Bq, 2Bq) bool: query a of block n (shifted row j = n·Bq + a) sees window column c
-    (key i = (n-1)·Bq + c) iff i in [j - width + 1, j]; block 0's first Bq columns are padding."""
-    a = torch.arange(Bq, device=device)[:, None]
-    c = torch.arange(2 * Bq, device=device)[None, :]
-    band = (c > a + Bq - width) & (c <= a + Bq)
-    return torch.cat([(band & (c >= Bq))[None], band.expand(nb - 1, Bq, 2 * Bq)])
-
-
-@functools.lru_cache(maxsize=32)
-def _band_bias(nb: int, Bq: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``_band_mask`` as SDPA's additive mask (0 or -inf), (1, nb, Bq, 2Bq); it depends on the
-    shape alone, so it is built once per shape (a float mask: SDPA converts a bool one on every
-    call). Never an inference-mode tensor, which autograd could not save for a later backward."""
-    with torch.inference_mode(False), torch.no_grad():
-        mask = _band_mask(nb, Bq, width, device)
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))[None]
-
-
-def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, starts: Tensor | None = None,
-            min_block: int = BANDED_MIN_ROWS) -> Tensor:
-    """Query t = j + delay reads keys [j - width + 1, j] (of its own document), in O(T·width).
-
-    Shifted rows go in nb blocks of Bq >= width rows, so block n needs keys from blocks n-1 and
-    n only: a 2·Bq window, two neighbouring blocks of the front-padded keys side by side (one cat,
-    whose backward is two splits; an overlapping ``unfold`` window cost ~10 ms of
-    ``unfold_backward`` per long-shape step on CPU). The blocks ride in SDPA's head dimension
-    and heads in its batch, (B·H, nb, ·, ·): views, no transposed copies, and one band mask for
-    every head. The shift and the block padding are one pad each (negative pads crop).
-
-    q, k, v: (B, H, T, ·), one consecutive run; starts: (B, T) each token's document start as an
-    index of the run (``_run_starts``; None: one document, where every row sees at least its own
-    key). Rows with no visible key (a document's first tokens) get every key of their window and
-    are zeroed afterwards, as in a masked recall; rows t < delay are zero.
-    """
-    B, H, T, D = q.shape
-    L = T - delay
-    nb, Bq = _band_plan(L, width, min_block)
-    end = nb * Bq - L  # rows padded after the last block
-    qb = F.pad(q, (0, 0, -delay, end)).view(B * H, nb, Bq, D)
-    kb, vb = _windows(k, nb, Bq, end - delay), _windows(v, nb, Bq, end - delay)
-    if starts is None:
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=_band_bias(nb, Bq, width, q.device, q.dtype),
-                                           scale=1.0).view(B, H, nb * Bq, -1)
-    else:
-        # Key i (window column c of block n: i = (n-1)·Bq + c) is in row j's document iff i >=
-        # the start of query t = j + delay's document; the band (cached) does the rest. Rows
-        # whose key j is not in their document see nothing: they get the whole band (no NaN)
-        # and are zeroed; so are the padding rows.
-        row_start = F.pad(starts, (-delay, end)).view(B, nb, Bq, 1)
-        j = torch.arange(nb * Bq, device=q.device).view(1, nb, Bq, 1)
-        nonempty = (j >= row_start) & (j < L)
-        floor = torch.where(nonempty, row_start, -Bq).unsqueeze(1)  # (B, 1, nb, Bq, 1)
-        key_index = torch.arange(-Bq, nb * Bq, device=q.device).unfold(0, 2 * Bq, Bq).view(nb, 1, 2 * Bq)
-        visible = (key_index >= floor).expand(B, H, nb, Bq, 2 * Bq)
-        bias = torch.where(visible, _band_bias(nb, Bq, width, q.device, q.dtype)[0], float("-inf"))
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias.view(B * H, nb, Bq, 2 * Bq), scale=1.0)
-        y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y.view(B, H, nb * Bq, -1),
-                        torch.zeros((), dtype=y.dtype, device=y.device))
-    return F.pad(y, (0, 0, delay, -end))
-
-
-def _banded_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, visibility: Visibility,
-                      min_block: int = BANDED_MIN_ROWS) -> Tensor | None:
-    """A windowed rule over one consecutive run with document ``starts`` (B, T, as indices of the
-    run), banded on the shifted rows (query t = j + delay sees keys j - W + 1 .. j, W = window -
-    delay). Returns None when the band spans too few blocks to pay off (the caller takes the
-    dense mask)."""
-    T = q.shape[2]
-    d, w = visibility.delay, visibility.window
-    if w is None or d >= T or w <= d or _band_plan(T - d, w - d, min_block)[0] <= BANDED_MIN_BLOCKS:
-        return None
-    return _banded(q, k, v, d, w - d, starts, min_block)
-
-
-def _run_starts(layout: SequenceLayout) -> Tensor:
-    """(B, T) each token's document start as an index of its row's consecutive run (negative when
-    the document began before the run, e.g. on an earlier context-parallel chunk)."""
-    return layout.doc_starts - layout.positions[:, :1]
-
-
-@functools.lru_cache(maxsize=64)
-def _shift_band_bias(rows: int, keys: int, offset: int, width: int | None, device: torch.device,
-                     dtype: torch.dtype) -> Tensor:
-    """(rows, keys) additive mask of shifted row j = offset + a against key i = c: 0 where
-    j - width < i <= j (no lower bound without a width), -inf elsewhere; built once per shape."""
-    with torch.inference_mode(False), torch.no_grad():
-        ahead = (offset + torch.arange(rows, device=device))[:, None] - torch.arange(keys, device=device)[None, :]
-        band = ahead >= 0 if width is None else (ahead >= 0) & (ahead < width)
-        return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))
-
-
-# Rows per query block of _consecutive_recall: each block reads only the keys its rows can see, so
-# nb blocks of a causal rule do (nb + 1) / (2 nb) of the dense work, at one SDPA call each (T =
-# 2048, delay 128: 17 blocks, 0.53 of the masked (T, T) product; T = 256, delay 32: 2 blocks, 0.75).
-CAUSAL_BLOCK_ROWS = 112
-
-# Below this many keys, a causal SDPA call on the device computes the whole (L, L) square: CPU
-# flash attention skips the keys a row cannot see only in blocks of 512. There one document's
-# causal rule also goes in query blocks (two: 3/4 of the square).
-CAUSAL_SPLIT_BELOW = {"cpu": 512}
-
-
-def _consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, visibility: Visibility,
-                        block_rows: int | None = None) -> Tensor | None:
-    """Queries and keys the same consecutive run with document ``starts`` (B, T, as indices of the
-    run; None: one document): shifted as in the plain path (query t = j + delay reads keys i <= j
-    of its document, i > j - W under a window W = window - delay), in query blocks that each read,
-    and mask, only the keys their rows can see: no (T, T) mask at once, about half of one in all.
-    Returns None when every row is empty (the caller takes the masked path)."""
-    T = q.shape[2]
-    d, w = visibility.delay, visibility.window
-    if d >= T or (w is not None and w <= d):
-        return None
-    L = T - d
-    width = None if w is None else w - d
-    nb = max(1, L // (block_rows or CAUSAL_BLOCK_ROWS))
-    rows = -(-L // nb)
-    if starts is not None:
-        # row j's own key j is in its document iff j >= the start of query t = j + d's document;
-        # rows without it see nothing: they get the band (never empty, no NaN) and are zeroed
-        row_start = starts[:, d:]  # (B, L)
-        nonempty = torch.arange(L, device=q.device) >= row_start
-    ys = []
-    for s in range(0, L, rows):
-        e = min(s + rows, L)
-        lo = 0 if width is None else max(0, s - width + 1)
-        qb, kb, vb = q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e]
-        if starts is None and s == lo:  # the top-left causal block: no mask to read
-            ys.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=1.0))
-            continue
-        bias = _shift_band_bias(e - s, e - lo, s - lo, width, q.device, q.dtype)
-        if starts is None:
-            ys.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0))
-            continue
-        floor = torch.where(nonempty[:, s:e], row_start[:, s:e], lo)[:, None, :, None]  # (B, 1, rows, 1)
-        bias = torch.where(torch.arange(lo, e, device=q.device) >= floor, bias, float("-inf"))
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0)
-        ys.append(torch.where(nonempty[:, None, s:e, None], y, torch.zeros((), dtype=y.dtype, device=y.device)))
-    y = ys[0] if nb == 1 else torch.cat(ys, dim=2)
-    return F.pad(y, (0, 0, d, 0))
 
 
 def _masked_recall(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, return_lse: bool):
@@ -317,7 +126,7 @@ def associative_recall(
     Layouts must be given both or neither. Given layouts that describe one consecutive run of a
     single document for both queries and keys also take the shifted fast path; a windowed rule
     over consecutive positions with several documents goes banded (no (Tq, Tk) mask) when the
-    band spans more than BANDED_MIN_BLOCKS query blocks. return_lse uses an
+    band spans more than runs.BANDED_MIN_BLOCKS query blocks. return_lse uses an
     explicit fp32 (Tq, Tk) score block (meant for context-parallel blocks); the output keeps the
     queries' dtype.
     backend: "flex" or "sdpa" for every case but the plain shift (None: RECALL_BACKEND of the
@@ -383,7 +192,7 @@ def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibilit
     B, H, Tq, _ = queries.shape
     Tk = keys.shape[2]
     if not return_lse and plain:
-        return _shifted_recall(queries, keys, values, visibility)
+        return shifted_recall(queries, keys, values, visibility.delay, visibility.window)
     if Tk == 0:
         y = queries.new_zeros(B, H, Tq, values.shape[-1])
         lse = torch.full((B, H, Tq), float("-inf"), device=queries.device)
@@ -394,10 +203,10 @@ def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibilit
         return flex_recall(queries, keys, values, visibility.delay, visibility.window, query_layout, key_layout,
                            return_lse)
     if not return_lse and _is_consecutive_run(query_layout, key_layout):
-        starts = _run_starts(query_layout)
-        y = None if visibility.window is None else _banded_documents(queries, keys, values, starts, visibility)
+        starts, d, w = run_starts(query_layout), visibility.delay, visibility.window
+        y = None if w is None else banded_documents(queries, keys, values, starts, d, w)
         if y is None:
-            y = _consecutive_recall(queries, keys, values, starts, visibility)
+            y = consecutive_recall(queries, keys, values, starts, d, w)
         if y is not None:
             return y
     mask = visibility.mask(query_layout, key_layout)

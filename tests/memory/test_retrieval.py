@@ -189,7 +189,7 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("L,width,min_block", [(1, 1, 3), (10, 1, 3), (17, 4, 3), (17, 5, 4), (30, 29, 4),
                                                (23, 40, 4)])
 def test_banded_blocks_match_reference(L, width, min_block):
-    from megatron_mosaic.memory.retrieval import _banded
+    from megatron_mosaic.memory.runs import _banded
 
     gen = torch.Generator().manual_seed(L * width)
     q, k, v = _qkv(2, 2, L, L, 3, gen, scale=2.0)
@@ -208,11 +208,11 @@ def test_banded_blocks_match_reference(L, width, min_block):
 
 @pytest.mark.parametrize("T,banded", [(192, True), (100, False)])
 def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
-    from megatron_mosaic.memory import retrieval
+    from megatron_mosaic.memory import runs
 
     calls = []
-    real = retrieval._banded
-    monkeypatch.setattr(retrieval, "_banded", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = runs._banded
+    monkeypatch.setattr(runs, "_banded", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     gen = torch.Generator().manual_seed(11)
     # width 19 < 32: blocks of >= 32 queries; T = 192 spans 5 (banded), T = 100 spans 3 (one dense band)
     vis = Visibility(1, 20)
@@ -226,10 +226,10 @@ def test_short_term_window_over_several_blocks(T, banded, monkeypatch):
 def test_consecutive_blocks_match_reference(vis, monkeypatch):
     """Packed documents, shifted rows in query blocks of 7 (each reading only the keys its rows
     can see) against the full reference, gradients included."""
-    from megatron_mosaic.memory import retrieval
+    from megatron_mosaic.memory import runs
 
-    monkeypatch.setattr(retrieval, "CAUSAL_BLOCK_ROWS", 7)
-    monkeypatch.setattr(retrieval, "BANDED_MIN_BLOCKS", 10**6)  # windows too: not the banded path
+    monkeypatch.setattr(runs, "CAUSAL_BLOCK_ROWS", 7)
+    monkeypatch.setattr(runs, "BANDED_MIN_BLOCKS", 10**6)  # windows too: not the banded path
     monkeypatch.setattr(Visibility, "mask", lambda *a: (_ for _ in ()).throw(AssertionError("dense mask built")))
     gen = torch.Generator().manual_seed(7 + vis.delay)
     layout = random_layout(2, 45, 0.1, gen)
@@ -250,7 +250,7 @@ def test_banded_documents_match_reference(vis, T, min_block, monkeypatch):
     q, k, v = _qkv(2, 2, T, T, 4, gen, scale=2.0)
     mask = _ref_mask(vis, layout, layout)
     assert (layout.doc_starts > 0).any(dim=1).all()  # several documents in every row
-    real = retrieval._banded_documents
+    real = retrieval.banded_documents
     taken = []
 
     def banded(*args, **kwargs):
@@ -258,7 +258,7 @@ def test_banded_documents_match_reference(vis, T, min_block, monkeypatch):
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(retrieval, "_banded_documents", banded)
+    monkeypatch.setattr(retrieval, "banded_documents", banded)
     monkeypatch.setattr(Visibility, "mask", lambda *a: (_ for _ in ()).throw(AssertionError("dense mask built")))
     y = _check(q, k, v, vis, layout, layout, mask, False, gen)
     assert taken == [True]
