@@ -104,8 +104,8 @@ def check_training(device: torch.device, extra: list[str] = (), resume: bool = T
 def check_transformer_engine(device: torch.device) -> None:
     if device.type != "cuda" or importlib.util.find_spec("transformer_engine") is None:
         raise Skip("transformer_engine is not importable" if device.type == "cuda" else "needs CUDA")
-    # 16 heads: the per-head gate and decay projections (d -> H) are unfused, and FP8 GEMMs need
-    # dimensions divisible by 16 (with 4 heads FP8 cannot start; README, GPU status).
+    # FP8 GEMMs need dimensions divisible by 16: d and the FFN width are, and the memories' fused
+    # projection (gate and decay included) is padded to it (model/fused_projection.py).
     sizes = ["--hidden-size", "256", "--num-attention-heads", "16", "--ffn-hidden-size", "768"]
     check_training(device, sizes + ["--transformer-impl", "transformer_engine"], resume=False)
     check_training(device, sizes + ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"], resume=False)
