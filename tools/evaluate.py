@@ -107,19 +107,6 @@ def _fail(message: object) -> int:
     return 1
 
 
-def _recall_with_options(**options) -> None:
-    """Make this process's recall documents hold ``num_pairs`` pairs and/or use ``query_order``
-    (the registry's generator with the options bound; evaluation code looks the task up by name)."""
-    import dataclasses
-    import functools
-
-    from megatron_mosaic.evaluation.synthetic import recall_document
-    from megatron_mosaic.evaluation.tasks import TASKS
-
-    TASKS["recall"] = dataclasses.replace(TASKS["recall"],
-                                          generate=functools.partial(recall_document, **options))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     problem = check(args)
@@ -127,9 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(problem)
     from megatron_mosaic.evaluation.synthetic import recall_options
 
-    options = recall_options(args.num_pairs, args.query_order)
-    if options:
-        _recall_with_options(**options)
+    # Recall's generator options, defaults left out: a default run generates what it always did.
+    recall = recall_options(args.num_pairs, args.query_order)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -159,15 +145,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"training length {loaded.train_seq_length}, {loaded.vocab.fmt} format"
             + (f", context parallel over {cp} ranks" if cp > 1 else ""))
         for task in dict.fromkeys(args.task):
+            options = recall if task == "recall" else {}
             results = evaluate_task(loaded, task, args.seq_length, num_docs=args.num_docs, seed=args.seed,
                                     text=args.text, batch_size=args.batch_size,
-                                    name=args.name or loaded.kind, log=log)
+                                    name=args.name or loaded.kind, log=log, options=options)
             if cp > 1:
                 results["context_parallel_size"] = cp
-            if task == "recall" and args.num_pairs is not None:
-                results["num_pairs"] = args.num_pairs
-            if task == "recall" and args.query_order != "rounds":
-                results["query_order"] = args.query_order
+            results.update(options)  # the JSON says which documents were scored
             if not first:
                 continue
             print(table([results]), flush=True)

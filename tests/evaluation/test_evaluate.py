@@ -54,12 +54,15 @@ def test_every_task_at_two_lengths_megatron_and_hf_agree(model, tiny_checkpoints
                 assert a["summary"]["mean_logprob"] == pytest.approx(b["summary"]["mean_logprob"], rel=1e-5)
 
 
-def test_scores_match_the_models_own_loss_and_argmax(tiny_checkpoints, small_text):
+@pytest.mark.parametrize("options", [{}, {"num_pairs": 2, "query_order": "random"}])
+def test_scores_match_the_models_own_loss_and_argmax(tiny_checkpoints, small_text, options):
     """Per-position loss = the HF model's own cross-entropy; an answer's log-likelihood and
-    correctness = what the logits say at the token before it."""
+    correctness = what the logits say at the token before it. Generator options reach the
+    documents scored."""
     loaded = load_model(tiny_checkpoints["mosaic-v2"]["hf"])
-    result = evaluate_length(loaded, "recall", 48, 3, 0, None, 3, log=lambda m: None)
-    docs = [encode_document(d, loaded.encode, 48) for d in generate_documents("recall", loaded.vocab, 48, 3, 0)]
+    result = evaluate_length(loaded, "recall", 48, 3, 0, None, 3, log=lambda m: None, options=options)
+    docs = [encode_document(d, loaded.encode, 48)
+            for d in generate_documents("recall", loaded.vocab, 48, 3, 0, **options)]
     ids = torch.tensor([d.ids for d in docs])
     with torch.no_grad():
         out = loaded.model(input_ids=ids, labels=ids)
@@ -74,6 +77,44 @@ def test_scores_match_the_models_own_loss_and_argmax(tiny_checkpoints, small_tex
     assert summary["n"] == len(expected_correct)
     assert summary["accuracy"] == pytest.approx(sum(expected_correct) / len(expected_correct))
     assert summary["mean_logprob"] == pytest.approx(sum(expected_logprob) / len(expected_logprob), rel=1e-5)
+
+
+def test_recall_options_reach_the_documents_and_not_other_tasks(tiny_checkpoints, tmp_path, capsys):
+    """--num-pairs / --query-order change recall's documents (2 pairs leave room for more queries
+    than the default quarter of the length) and are recorded; fewshot in the same run is untouched;
+    the registry is left as it was."""
+    generate = TASKS["recall"].generate
+    runs = {}
+    for name, extra in (("default", []), ("options", ["--num-pairs", "2", "--query-order", "random"])):
+        argv = ["--load", tiny_checkpoints["mosaic-v2"]["megatron"], "--task", "recall", "fewshot",
+                "--seq-length", "32", "--num-docs", "2", "--output", str(tmp_path / name), *extra]
+        assert evaluate.main(argv) == 0, capsys.readouterr().err
+        runs[name] = {task: json.loads((tmp_path / name / f"{task}.json").read_text())[0]
+                      for task in ("recall", "fewshot")}
+    default, options = runs["default"]["recall"], runs["options"]["recall"]
+    assert default["lengths"][0]["summary"]["n"] == 2 * (32 - 2 * 8) // 2  # 8 pairs: length // 4
+    assert options["lengths"][0]["summary"]["n"] == 2 * (32 - 2 * 2) // 2
+    assert (options["num_pairs"], options["query_order"]) == (2, "random")
+    assert "num_pairs" not in default and "query_order" not in default
+    untimed = lambda res: [{k: v for k, v in at.items() if k != "seconds"} for at in res["lengths"]]  # noqa: E731
+    assert untimed(runs["default"]["fewshot"]) == untimed(runs["options"]["fewshot"])
+    assert "num_pairs" not in runs["options"]["fewshot"]
+    assert TASKS["recall"].generate is generate
+
+
+def test_recall_options_fail_in_one_line(tiny_checkpoints, capsys):
+    """Options for tasks that take none fail before loading; a --num-pairs that does not fit the
+    length fails when recall's first document is drawn (after the line saying what was loaded)."""
+    load = tiny_checkpoints["mosaic-v2"]["megatron"]
+    for extra, message in (
+            (["--task", "fewshot", "--num-pairs", "2"],
+             "--num-pairs is recall's and must be >= 1, got 2 for --task fewshot"),
+            (["--task", "fewshot", "--query-order", "random"], "--query-order is recall's, got it for --task fewshot"),
+            (["--task", "recall", "--num-pairs", "20"],
+             "--num-pairs must be in [1, 15] for recall documents of 32 units with 23 symbols, got 20")):
+        assert evaluate.main(["--load", load, "--seq-length", "32", *extra]) != 0
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loaded ")]
+        assert err == [f"evaluate: error: {message}"], err
 
 
 def test_text_tokenizer_segments_are_exact_and_cut_at_segment_boundaries(tmp_path):
