@@ -57,6 +57,7 @@ else:
     # direct relative imports into its module cache, and scan.py and retrieval.py import these
     # (export.memory_code_files refuses an export that would miss one).
     from .flex import flex_recall  # noqa: F401
+    from .masks import shape_constant  # noqa: F401
     from .precision import fp32_region  # noqa: F401
     from .retrieval import Visibility, associative_recall
     from .runs import shifted_recall  # noqa: F401

@@ -10,13 +10,12 @@ correctness (tests/memory/test_retrieval.py).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .layout import SequenceLayout
+from .masks import additive_mask, shape_constant
 
 
 # A windowed rule goes banded (blocks of >= max(window, BANDED_MIN_ROWS) queries, each against a
@@ -51,9 +50,8 @@ def shifted_recall(q: Tensor, k: Tensor, v: Tensor, delay: int, window: int | No
     if w is None or w - d >= L:
         y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=1.0)
     else:  # few blocks: one dense (L, L) band is cheaper
-        j = torch.arange(L, device=q.device)
-        band = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - (w - d))
-        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=1.0)
+        y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_shift_band_bias(L, L, 0, w - d, q.device, q.dtype),
+                                           scale=1.0)
     return F.pad(y, (0, 0, d, 0))  # rows t < delay see nothing: one pad, not zeros + cat
 
 
@@ -77,14 +75,10 @@ def _band_mask(nb: int, Bq: int, width: int, device: torch.device) -> Tensor:
     return torch.cat([(band & (c >= Bq))[None], band.expand(nb - 1, Bq, 2 * Bq)])
 
 
-@functools.lru_cache(maxsize=32)
+@shape_constant(maxsize=32)
 def _band_bias(nb: int, Bq: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``_band_mask`` as SDPA's additive mask (0 or -inf), (1, nb, Bq, 2Bq); it depends on the
-    shape alone, so it is built once per shape (a float mask: SDPA converts a bool one on every
-    call). Never an inference-mode tensor, which autograd could not save for a later backward."""
-    with torch.inference_mode(False), torch.no_grad():
-        mask = _band_mask(nb, Bq, width, device)
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))[None]
+    """``_band_mask`` as SDPA's additive mask, (1, nb, Bq, 2Bq)."""
+    return additive_mask(_band_mask(nb, Bq, width, device), dtype)[None]
 
 
 def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, starts: Tensor | None = None,
@@ -149,15 +143,13 @@ def run_starts(layout: SequenceLayout) -> Tensor:
     return layout.doc_starts - layout.positions[:, :1]
 
 
-@functools.lru_cache(maxsize=64)
+@shape_constant(maxsize=64)
 def _shift_band_bias(rows: int, keys: int, offset: int, width: int | None, device: torch.device,
                      dtype: torch.dtype) -> Tensor:
     """(rows, keys) additive mask of shifted row j = offset + a against key i = c: 0 where
-    j - width < i <= j (no lower bound without a width), -inf elsewhere; built once per shape."""
-    with torch.inference_mode(False), torch.no_grad():
-        ahead = (offset + torch.arange(rows, device=device))[:, None] - torch.arange(keys, device=device)[None, :]
-        band = ahead >= 0 if width is None else (ahead >= 0) & (ahead < width)
-        return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))
+    j - width < i <= j (no lower bound without a width), -inf elsewhere."""
+    ahead = (offset + torch.arange(rows, device=device))[:, None] - torch.arange(keys, device=device)[None, :]
+    return additive_mask(ahead >= 0 if width is None else (ahead >= 0) & (ahead < width), dtype)
 
 
 # Rows per query block of consecutive_recall: each block reads only the keys its rows can see, so
@@ -196,7 +188,7 @@ def consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, d
         e = min(s + rows, L)
         lo = 0 if width is None else max(0, s - width + 1)
         qb, kb, vb = q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e]
-        if starts is None and s == lo:  # the top-left causal block: no mask to read
+        if starts is None and width is None and s == 0:  # the top-left causal block: no mask to read
             ys.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=1.0))
             continue
         bias = _shift_band_bias(e - s, e - lo, s - lo, width, q.device, q.dtype)

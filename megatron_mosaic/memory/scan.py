@@ -16,12 +16,12 @@ same function recursively: memory B·H·T·(C + D), no T×T matrix, depth log_C(
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .masks import additive_mask, shape_constant
 from .precision import fp32_region
 
 
@@ -58,26 +58,14 @@ def _log_combine(v1: Tensor, l1: Tensor, v2: Tensor, l2: Tensor) -> tuple[Tensor
     return torch.addcmul(v1 * torch.exp(l1 - l), v2, torch.exp(l2 - l)), l
 
 
+@shape_constant(maxsize=16)
 def _triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """C×C masks of one chunk: ``below`` fp32 1.0 where u > s (the a_u a weight w[t, s] sums),
     ``hidden`` bool where s > t and ``hidden_bias`` fp32 -inf there, 0 elsewhere. A multiply and
     an add of these cost less than masked_fill, whose backward broadcasts the bool mask over
-    every chunk again. Eager, they are built once per (C, device)."""
-    if torch.compiler.is_compiling():  # constants of the graph
-        return _build_triangles(C, device)
-    return _cached_triangles(C, device)
-
-
-def _build_triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    every chunk again."""
     hidden = torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
-    return hidden.t().float(), hidden, torch.zeros(C, C, device=device).masked_fill(hidden, float("-inf"))
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    # never inference-mode tensors: autograd saves ``below`` for a later backward
-    with torch.inference_mode(False), torch.no_grad():
-        return _build_triangles(C, device)
+    return hidden.t().float(), hidden, additive_mask(~hidden)
 
 
 def _scan_fp32(
@@ -116,8 +104,7 @@ def _scan_fp32(
     logw = seg_sum + g.transpose(-1, -2)  # (B,H,N,C,C)
     if seg is not None:  # also hidden: s in an earlier segment than t
         with torch.no_grad():
-            hidden_bias = torch.zeros_like(seg, dtype=logw.dtype).expand(-1, -1, -1, -1, C).masked_fill(
-                hidden | (seg != seg.transpose(-1, -2)), float("-inf"))
+            hidden_bias = additive_mask(~(hidden | (seg != seg.transpose(-1, -2))), logw.dtype)
     logw = logw + hidden_bias  # -inf where hidden: exp gives 0 and a zero gradient
     # m: finite (the diagonal g_t is always visible). A reference point, detached: h = scaled·e^m
     # whatever m is, and every consumer (products, Norm(scaled), the recursion) depends on h alone,
