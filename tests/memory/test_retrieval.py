@@ -264,3 +264,23 @@ def test_banded_documents_match_reference(vis, T, min_block, monkeypatch):
     assert taken == [True]
     empty = ~mask.any(dim=-1).expand_as(y[..., 0])
     assert (y[empty] == 0).all()
+
+
+@pytest.mark.parametrize("vis", [Visibility(1, None), Visibility(3, None), Visibility(1, 6), Visibility(2, 9)], ids=str)
+def test_one_document_query_blocks_match_reference(vis):
+    """runs.consecutive_recall without document starts, in query blocks of 8 (the first without
+    a window read as is_causal), windows included, against the full reference."""
+    from megatron_mosaic.memory.runs import consecutive_recall
+
+    gen = torch.Generator().manual_seed(5 + vis.delay)
+    T = 30
+    q, k, v = _qkv(2, 2, T, T, 4, gen, scale=2.0)
+    layout = SequenceLayout.contiguous(2, T)
+    leaves64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves32 = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    y_ref, _ = ref.recall(*leaves64, _ref_mask(vis, layout, layout))
+    y = consecutive_recall(*leaves32, None, vis.delay, vis.window, block_rows=8)
+    assert_close(y, y_ref, what="one-document blocks")
+    upstream = torch.randn(y.shape, generator=gen, dtype=f64)
+    for gf, gs in zip(grads(y, leaves32, upstream), grads(y_ref, leaves64, upstream)):
+        assert_close(gf, gs, 1e-4, 1e-4, what="one-document blocks grad")
