@@ -61,11 +61,11 @@ def _log_combine(v1: Tensor, l1: Tensor, v2: Tensor, l2: Tensor) -> tuple[Tensor
 @shape_constant(maxsize=16)
 def _triangles(C: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """C×C masks of one chunk: ``below`` fp32 1.0 where u > s (the a_u a weight w[t, s] sums),
-    ``hidden`` bool where s > t and ``hidden_bias`` fp32 -inf there, 0 elsewhere. A multiply and
-    an add of these cost less than masked_fill, whose backward broadcasts the bool mask over
-    every chunk again."""
-    hidden = torch.ones(C, C, dtype=torch.bool, device=device).triu(1)
-    return hidden.t().float(), hidden, additive_mask(~hidden)
+    ``visible`` bool where s <= t and ``visible_bias`` its additive form (-inf where s > t). A
+    multiply and an add of these cost less than masked_fill, whose backward broadcasts the bool
+    mask over every chunk again."""
+    visible = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+    return (~visible).t().float(), visible, additive_mask(visible)
 
 
 def _scan_fp32(
@@ -99,13 +99,13 @@ def _scan_fp32(
 
     # Intra-chunk weights log w[t, s] = g_s + Σ_{s<u≤t} a_u, s ≤ t, same segment. The segment sum
     # is summed directly (not A_t - A_s): no cancellation error when |A| is large (upper levels).
-    below, hidden, hidden_bias = _triangles(C, x.device)  # [u, s]: u > s; [t, s]: s > t
+    below, visible, visible_bias = _triangles(C, x.device)  # [u, s]: u > s; [t, s]: s <= t
     seg_sum = (a * below).cumsum(dim=-2)  # a_u where u > s, 0 elsewhere
     logw = seg_sum + g.transpose(-1, -2)  # (B,H,N,C,C)
-    if seg is not None:  # also hidden: s in an earlier segment than t
+    if seg is not None:  # visible only within t's segment
         with torch.no_grad():
-            hidden_bias = additive_mask(~(hidden | (seg != seg.transpose(-1, -2))), logw.dtype)
-    logw = logw + hidden_bias  # -inf where hidden: exp gives 0 and a zero gradient
+            visible_bias = additive_mask(visible & (seg == seg.transpose(-1, -2)), logw.dtype)
+    logw = logw + visible_bias  # -inf where hidden: exp gives 0 and a zero gradient
     # m: finite (the diagonal g_t is always visible). A reference point, detached: h = scaled·e^m
     # whatever m is, and every consumer (products, Norm(scaled), the recursion) depends on h alone,
     # so m's own gradient path adds exactly zero (amax's backward was ~6 full-size ops).
