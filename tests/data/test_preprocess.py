@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_mosaic.data import preprocess
+from megatron_mosaic.data import encoder, preprocess
 from megatron_mosaic.data.tokenizers import TokenizerSpec, build_tokenizer
 from tests.data.conftest import JSON_ONLY_EOD, id_text, make_id_documents, write_jsonl
 
@@ -53,7 +53,7 @@ def test_round_trip_every_tokenizer(tmp_path, corpus_jsonl, documents, tokenizer
 
 def test_workers_and_partitions_are_byte_identical(tmp_path, corpus_jsonl, tokenizer_args, monkeypatch):
     # Small batches so that two workers really interleave (60 documents -> 15 batches).
-    monkeypatch.setattr(preprocess, "BATCH_MAX_DOCS", 4)
+    monkeypatch.setattr(encoder, "BATCH_MAX_DOCS", 4)
     base = ["--input", corpus_jsonl, "--append-eod"] + tokenizer_args["SentencePieceTokenizer"]
     outputs = {}
     for name, extra in {"w1": ["--workers", "1"], "w2": ["--workers", "2"],
@@ -66,7 +66,7 @@ def test_workers_and_partitions_are_byte_identical(tmp_path, corpus_jsonl, token
 
 
 def test_split_sentences_keep_newlines_is_exact(tmp_path, corpus_jsonl, documents, tokenizer_args, monkeypatch):
-    monkeypatch.setattr(preprocess, "BATCH_MAX_DOCS", 4)
+    monkeypatch.setattr(encoder, "BATCH_MAX_DOCS", 4)
     sp = tokenizer_args["SentencePieceTokenizer"]
     base = ["--input", corpus_jsonl, "--append-eod", "--split-sentences", "--keep-newlines"] + sp
     assert run(base + ["--output-prefix", tmp_path / "w1"]) == 0
