@@ -9,7 +9,8 @@ with EOD-packed documents ("packed", document masking on). Times are medians of 
 measured in this process; the ratios are to the GPT baseline of the same row: time (v/gpt),
 analytic training FLOPs of the layer (flop, tools/layer_benchmark.py) and their quotient (t/f:
 1.00 = the same time per FLOP as the GPT layer, the FLOP efficiency goal); "ops" counts the aten
-ops of one eager fwd+bwd step. ``--compile`` adds v1c/v2c columns: the same models with each
+ops of one eager fwd+bwd step, "ops/l" those a second layer adds (a deep model's cost per layer:
+the micro-batch's masks and counts are built once, by its first layer). ``--compile`` adds v1c/v2c columns: the same models with each
 key/value extractor's features (scan, key norm, value peek, norm) through torch.compile
 (inductor; needs gcc on the CPU); everything else, and the whole GPT baseline, stays eager, since
 the GPT layer has no such regions (its norms, SwiGLU and rotary are eager on both sides). Not a test.
@@ -38,7 +39,7 @@ def bench_shape(name: str, packed: bool, repeats: int, compiled: bool = False
     measured in this process. ``compiled`` adds v1c/v2c: the same seeded v1/v2 with their memory
     feature regions through torch.compile (``compile_memory_features``), timed interleaved with
     the eager models."""
-    from tools.layer_benchmark import aten_ops, build, compile_memory_features, layer_flops, time_models, tokens_for
+    from tools.layer_benchmark import aten_ops, build, compile_memory_features, layer_flops, step, time_models, tokens_for
 
     B, T, d, H, window, delay = SHAPES[name]
     models = {k: build(k, d, H, window, delay) for k in ("gpt", "v1", "v2")}
@@ -48,6 +49,10 @@ def bench_shape(name: str, packed: bool, repeats: int, compiled: bool = False
     seconds = time_models(models, tokens, delay, repeats)
     flops = {k: B * layer_flops(m, k.rstrip("c"), T, window, delay) for k, m in models.items()}
     ops = {k: aten_ops(models[k], tokens, delay, bf16=False) for k in ("gpt", "v1", "v2")}
+    for k in ("gpt", "v2"):  # a second layer's ops: what each further layer of a deep model adds
+        deeper = build(k, d, H, window, delay, layers=2)
+        step(deeper, tokens, delay, bf16=False)  # warm-up: shape-constant masks are built once
+        ops[k + "/layer"] = aten_ops(deeper, tokens, delay, bf16=False) - ops[k]
     return {k: 1000 * v for k, v in seconds.items()}, flops, ops
 
 
@@ -83,7 +88,8 @@ def main() -> None:
             return
         extra = ["v1c", "v2c"] if args.compile else []
         print(f"{'shape':<11} {'docs':<7} {'gpt ms':>8} {'v1 ms':>8} {'v2 ms':>8} {'v1/gpt':>7} {'v2/gpt':>7} "
-              f"{'v1 flop':>8} {'v2 flop':>8} {'v1 t/f':>7} {'v2 t/f':>7} {'gpt ops':>8} {'v2 ops':>7}"
+              f"{'v1 flop':>8} {'v2 flop':>8} {'v1 t/f':>7} {'v2 t/f':>7} {'gpt ops':>8} {'v2 ops':>7} "
+              f"{'gpt ops/l':>9} {'v2 ops/l':>8}"
               + "".join(f" {k + ' ms':>8} {k + ' t/f':>8}" for k in extra))
         for name in args.shapes:
             for packed in (False, True):
@@ -92,7 +98,8 @@ def main() -> None:
                 f = {k: flops[k] / flops["gpt"] for k in flops}
                 print(f"{name:<11} {'packed' if packed else 'single':<7} {ms['gpt']:8.1f} {ms['v1']:8.1f} "
                       f"{ms['v2']:8.1f} {t['v1']:7.2f} {t['v2']:7.2f} {f['v1']:8.2f} {f['v2']:8.2f} "
-                      f"{t['v1'] / f['v1']:7.2f} {t['v2'] / f['v2']:7.2f} {ops['gpt']:8d} {ops['v2']:7d}"
+                      f"{t['v1'] / f['v1']:7.2f} {t['v2'] / f['v2']:7.2f} {ops['gpt']:8d} {ops['v2']:7d} "
+                      f"{ops['gpt/layer']:9d} {ops['v2/layer']:8d}"
                       + "".join(f" {ms[k]:8.1f} {t[k] / f[k]:8.2f}" for k in extra), flush=True)
 
 if __name__ == "__main__":

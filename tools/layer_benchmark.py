@@ -28,10 +28,10 @@ GPU_SHAPE = dict(d=2048, heads=16, window=256, delay=64)  # the paper's small mo
 CPU_SHAPE = dict(d=64, heads=4, window=32, delay=16)
 
 
-def build(kind: str, d: int, heads: int, window: int, delay: int, package=None) -> torch.nn.Module:
-    """A one-layer model of ``kind`` (gpt, v1, v2), seeded, on the CPU; ``package``: another copy
-    of megatron_mosaic to build it with (tools/bench_memory_revision.py)."""
-    common = dict(num_layers=1, hidden_size=d, num_attention_heads=heads, use_cpu_initialization=True)
+def build(kind: str, d: int, heads: int, window: int, delay: int, package=None, layers: int = 1) -> torch.nn.Module:
+    """A one-layer (``layers``) model of ``kind`` (gpt, v1, v2), seeded, on the CPU; ``package``:
+    another copy of megatron_mosaic to build it with (tools/bench_memory_revision.py)."""
+    common = dict(num_layers=layers, hidden_size=d, num_attention_heads=heads, use_cpu_initialization=True)
     model = sys.modules[__name__] if package is None else importlib.import_module(f"{package.__name__}.model")
     torch.manual_seed(0)
     if kind == "gpt":

@@ -69,14 +69,12 @@ def flex_recall(queries: Tensor, keys: Tensor, values: Tensor, delay: int, windo
     # One block mask per (layout pair, rule) and micro-batch: the layers share the layout object,
     # so they share the mask. Compiled on CUDA, where an eager build would hold a dense (Tq, Tk).
     # (Only for one layout against itself: other key layouts are transient CP blocks.)
-    cache_key = ("flex_block_mask", delay, window)
-    shared = key_layout is query_layout
-    mask = query_layout.cache.get(cache_key) if shared else None
-    if mask is None:
-        mask = create_block_mask(rule_mask(query_layout, key_layout, delay, window), B, None, Tq, Tk,
+    def build():
+        return create_block_mask(rule_mask(query_layout, key_layout, delay, window), B, None, Tq, Tk,
                                  device=queries.device, BLOCK_SIZE=BLOCK, _compile=queries.is_cuda)
-        if shared:
-            query_layout.cache[cache_key] = mask
+
+    shared = key_layout is query_layout
+    mask = query_layout.derived(("flex_block_mask", delay, window), build) if shared else build()
     y, lse = _kernel(queries.device.type)(queries, keys, values, block_mask=mask, scale=1.0, return_lse=True)
     empty = torch.isinf(lse)[..., None]  # the kernel's output there is 0 already; keep it exact
     y = torch.where(empty, torch.zeros((), dtype=y.dtype, device=y.device), y)

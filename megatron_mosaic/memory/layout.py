@@ -9,7 +9,7 @@ rank holding two non-adjacent chunks of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -29,6 +29,8 @@ class SequenceLayout:
     without looking at the data (``contiguous``, ``from_tokens``' consecutive positions), else
     computed on first use with one host sync and cached, so the layers of a micro-batch share
     one sync instead of paying one each. The facts never change the math, only the path.
+    Tensors derived from the layout alone (resets, visible counts, document masks) are built
+    once per layout the same way (``derived``): once per micro-batch, not once per layer.
     """
 
     positions: Tensor
@@ -37,8 +39,8 @@ class SequenceLayout:
     known_single_document: Optional[bool] = field(default=None, compare=False, repr=False)
     known_consecutive: Optional[bool] = field(default=None, compare=False, repr=False)
     known_uniform_documents: Optional[bool] = field(default=None, compare=False, repr=False)
-    # Per-micro-batch derived objects the layers share (e.g. FlexAttention block masks), keyed
-    # by their producer; never part of the layout's identity.
+    # Per-micro-batch derived objects the layers share (``derived``; FlexAttention block masks,
+    # CP query tiles), keyed by their producer; never part of the layout's identity.
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,10 +103,23 @@ class SequenceLayout:
             object.__setattr__(self, name, value)  # frozen dataclass: cache, not a field change
         return value
 
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, a function of this layout alone, built once per layout under ``key``
+        (the layers of a micro-batch share its layout, so they share the result). Built outside
+        autograd and inference mode (autograd may save it for a backward that runs later);
+        while torch.compile traces, built inline (the graph's own values, no dict guards)."""
+        if torch.compiler.is_compiling():
+            return build()
+        value = self.cache.get(key)
+        if value is None:
+            with torch.inference_mode(False), torch.no_grad():
+                value = self.cache[key] = build()
+        return value
+
     @property
     def resets(self) -> Tensor:
         """(B, T) bool: True where a document starts (recurrences reset, memories start empty)."""
-        return self.positions == self.doc_starts
+        return self.derived(("resets",), lambda: self.positions == self.doc_starts)
 
     @property
     def single_document(self) -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor
 from .flex import flex_recall, flex_supported
 from .layout import SequenceLayout
 from .precision import fp32_region, upcast
-from .runs import banded_documents, consecutive_recall, run_starts, shifted_recall
+from .runs import banded_documents, consecutive_recall, shifted_recall
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,15 @@ class Visibility:
         """n_t: (B, T) int64 number of visible pairs for each query (closed form).
 
         Counts pairs of the full sequence (global positions), not only those held locally.
+        Built once per layout (the layers of a micro-batch share it).
         """
-        t = layout.positions
-        lower = layout.doc_starts
-        if self.window is not None:
-            lower = torch.maximum(lower, t - self.window + 1)
-        return (t - self.delay - lower + 1).clamp(min=0)
+        def build() -> Tensor:
+            t = layout.positions
+            lower = layout.doc_starts
+            if self.window is not None:
+                lower = torch.maximum(lower, t - self.window + 1)
+            return (t - self.delay - lower + 1).clamp(min=0)
+        return layout.derived(("visible_counts", self.delay, self.window), build)
 
     def mask(self, query_layout: SequenceLayout, key_layout: SequenceLayout) -> Tensor:
         """(B, 1, Tq, Tk) bool, True where the key is visible to the query."""
@@ -203,10 +206,10 @@ def _recall(queries: Tensor, keys: Tensor, values: Tensor, visibility: Visibilit
         return flex_recall(queries, keys, values, visibility.delay, visibility.window, query_layout, key_layout,
                            return_lse)
     if not return_lse and _is_consecutive_run(query_layout, key_layout):
-        starts, d, w = run_starts(query_layout), visibility.delay, visibility.window
-        y = None if w is None else banded_documents(queries, keys, values, starts, d, w)
+        d, w = visibility.delay, visibility.window
+        y = None if w is None else banded_documents(queries, keys, values, query_layout, d, w)
         if y is None:
-            y = consecutive_recall(queries, keys, values, starts, d, w)
+            y = consecutive_recall(queries, keys, values, query_layout, d, w)
         if y is not None:
             return y
     mask = visibility.mask(query_layout, key_layout)

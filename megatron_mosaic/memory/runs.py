@@ -81,7 +81,7 @@ def _band_bias(nb: int, Bq: int, width: int, device: torch.device, dtype: torch.
     return additive_mask(_band_mask(nb, Bq, width, device), dtype)[None]
 
 
-def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, starts: Tensor | None = None,
+def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, documents: SequenceLayout | None = None,
             min_block: int = BANDED_MIN_ROWS) -> Tensor:
     """Query t = j + delay reads keys [j - width + 1, j] (of its own document), in O(T·width).
 
@@ -92,10 +92,10 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, starts: Ten
     and heads in its batch, (B·H, nb, ·, ·): views, no transposed copies, and one band mask for
     every head. The shift and the block padding are one pad each (negative pads crop).
 
-    q, k, v: (B, H, T, ·), one consecutive run; starts: (B, T) each token's document start as an
-    index of the run (``run_starts``; None: one document, where every row sees at least its own
-    key). Rows with no visible key (a document's first tokens) get every key of their window and
-    are zeroed afterwards, as in a masked recall; rows t < delay are zero.
+    q, k, v: (B, H, T, ·), one consecutive run; documents: its layout when it holds several
+    documents (None: one, where every row sees at least its own key). Rows with no visible key
+    (a document's first tokens) get every key of their window and are zeroed afterwards, as in
+    a masked recall; rows t < delay are zero.
     """
     B, H, T, D = q.shape
     L = T - delay
@@ -103,44 +103,55 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, delay: int, width: int, starts: Ten
     end = nb * Bq - L  # rows padded after the last block
     qb = F.pad(q, (0, 0, -delay, end)).view(B * H, nb, Bq, D)
     kb, vb = _windows(k, nb, Bq, end - delay), _windows(v, nb, Bq, end - delay)
-    if starts is None:
+    if documents is None:
         y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=_band_bias(nb, Bq, width, q.device, q.dtype),
                                            scale=1.0).view(B, H, nb * Bq, -1)
     else:
-        # Key i (window column c of block n: i = (n-1)·Bq + c) is in row j's document iff i >=
-        # the start of query t = j + delay's document; the band (cached) does the rest. Rows
-        # whose key j is not in their document see nothing: they get the whole band (no NaN)
-        # and are zeroed; so are the padding rows.
-        row_start = F.pad(starts, (-delay, end)).view(B, nb, Bq, 1)
-        j = torch.arange(nb * Bq, device=q.device).view(1, nb, Bq, 1)
-        nonempty = (j >= row_start) & (j < L)
-        floor = torch.where(nonempty, row_start, -Bq).unsqueeze(1)  # (B, 1, nb, Bq, 1)
-        key_index = torch.arange(-Bq, nb * Bq, device=q.device).unfold(0, 2 * Bq, Bq).view(nb, 1, 2 * Bq)
-        visible = (key_index >= floor).expand(B, H, nb, Bq, 2 * Bq)
-        bias = torch.where(visible, _band_bias(nb, Bq, width, q.device, q.dtype)[0], float("-inf"))
-        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias.view(B * H, nb, Bq, 2 * Bq), scale=1.0)
-        y = torch.where(nonempty.view(B, 1, nb * Bq, 1), y.view(B, H, nb * Bq, -1),
-                        torch.zeros((), dtype=y.dtype, device=y.device))
+        bias, nonempty = documents.derived(("banded", delay, width, nb, Bq, H, q.dtype), lambda: _banded_masks(
+            run_starts(documents), delay, width, nb, Bq, H, q.dtype))
+        y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0)
+        y = torch.where(nonempty, y.view(B, H, nb * Bq, -1), torch.zeros((), dtype=y.dtype, device=y.device))
     return F.pad(y, (0, 0, delay, -end))
 
 
-def banded_documents(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, delay: int, window: int | None,
+def _banded_masks(starts: Tensor, delay: int, width: int, nb: int, Bq: int, heads: int,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``_banded``'s masks for document ``starts`` (B, T): the additive band-and-document mask
+    (B·heads, nb, Bq, 2Bq) and the rows that see a key, (B, 1, nb·Bq, 1).
+
+    Key i (window column c of block n: i = (n-1)·Bq + c) is in row j's document iff i >= the
+    start of query t = j + delay's document; the band (cached) does the rest. Rows whose key j
+    is not in their document see nothing: they get the whole band (no NaN) and are zeroed; so
+    are the padding rows."""
+    B, T = starts.shape
+    L, device = T - delay, starts.device
+    row_start = F.pad(starts, (-delay, nb * Bq - L)).view(B, nb, Bq, 1)
+    j = torch.arange(nb * Bq, device=device).view(1, nb, Bq, 1)
+    nonempty = (j >= row_start) & (j < L)
+    floor = torch.where(nonempty, row_start, -Bq).unsqueeze(1)  # (B, 1, nb, Bq, 1)
+    key_index = torch.arange(-Bq, nb * Bq, device=device).unfold(0, 2 * Bq, Bq).view(nb, 1, 2 * Bq)
+    visible = (key_index >= floor).expand(B, heads, nb, Bq, 2 * Bq)
+    bias = torch.where(visible, _band_bias(nb, Bq, width, device, dtype)[0], float("-inf"))
+    return bias.view(B * heads, nb, Bq, 2 * Bq), nonempty.view(B, 1, nb * Bq, 1)
+
+
+def banded_documents(q: Tensor, k: Tensor, v: Tensor, documents: SequenceLayout, delay: int, window: int | None,
                      min_block: int = BANDED_MIN_ROWS) -> Tensor | None:
-    """A windowed rule over one consecutive run with document ``starts`` (B, T, as indices of the
-    run), banded on the shifted rows (query t = j + delay sees keys j - W + 1 .. j, W = window -
-    delay). Returns None when the band spans too few blocks to pay off (the caller takes the
-    dense mask)."""
+    """A windowed rule over one consecutive run with several ``documents`` (its layout), banded
+    on the shifted rows (query t = j + delay sees keys j - W + 1 .. j, W = window - delay).
+    Returns None when the band spans too few blocks to pay off (the caller takes the dense
+    mask)."""
     T = q.shape[2]
     d, w = delay, window
     if w is None or d >= T or w <= d or _band_plan(T - d, w - d, min_block)[0] <= BANDED_MIN_BLOCKS:
         return None
-    return _banded(q, k, v, d, w - d, starts, min_block)
+    return _banded(q, k, v, d, w - d, documents, min_block)
 
 
 def run_starts(layout: SequenceLayout) -> Tensor:
     """(B, T) each token's document start as an index of its row's consecutive run (negative when
-    the document began before the run, e.g. on an earlier context-parallel chunk)."""
-    return layout.doc_starts - layout.positions[:, :1]
+    the document began before the run, e.g. on an earlier context-parallel chunk); once per layout."""
+    return layout.derived(("run_starts",), lambda: layout.doc_starts - layout.positions[:, :1])
 
 
 @shape_constant(maxsize=64)
@@ -163,13 +174,39 @@ CAUSAL_BLOCK_ROWS = 112
 CAUSAL_SPLIT_BELOW = {"cpu": 512}
 
 
-def consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, delay: int,
+def _query_blocks(L: int, rows: int, width: int | None):
+    """consecutive_recall's query blocks: (s, e, lo), shifted rows [s, e) and the first key lo
+    any of them can see."""
+    for s in range(0, L, rows):
+        yield s, min(s + rows, L), 0 if width is None else max(0, s - width + 1)
+
+
+def _document_block_masks(starts: Tensor, delay: int, width: int | None, rows: int,
+                          dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """Per query block of consecutive_recall over document ``starts`` (B, T): its additive mask
+    (B, 1, rows, keys) and its rows that see a key, (B, 1, rows, 1). Row j's own key j is in its
+    document iff j >= the start of query t = j + delay's document; rows without it see nothing:
+    they get the band (never empty, no NaN) and are zeroed."""
+    L, device = starts.shape[1] - delay, starts.device
+    row_start = starts[:, delay:]  # (B, L)
+    nonempty = torch.arange(L, device=device) >= row_start
+    masks = []
+    for s, e, lo in _query_blocks(L, rows, width):
+        floor = torch.where(nonempty[:, s:e], row_start[:, s:e], lo)[:, None, :, None]  # (B, 1, rows, 1)
+        bias = torch.where(torch.arange(lo, e, device=device) >= floor,
+                           _shift_band_bias(e - s, e - lo, s - lo, width, device, dtype), float("-inf"))
+        masks.append((bias, nonempty[:, None, s:e, None]))
+    return masks
+
+
+def consecutive_recall(q: Tensor, k: Tensor, v: Tensor, documents: SequenceLayout | None, delay: int,
                        window: int | None, block_rows: int | None = None) -> Tensor | None:
-    """Queries and keys the same consecutive run with document ``starts`` (B, T, as indices of the
-    run; None: one document): shifted as in the plain path (query t = j + delay reads keys i <= j
-    of its document, i > j - W under a window W = window - delay), in query blocks that each read,
-    and mask, only the keys their rows can see: no (T, T) mask at once, about half of one in all.
-    Returns None when every row is empty (the caller takes the masked path)."""
+    """Queries and keys the same consecutive run, whose layout ``documents`` holds several
+    documents (None: one): shifted as in the plain path (query t = j + delay reads keys i <= j
+    of its document, i > j - W under a window W = window - delay), in query blocks that each
+    read, and mask, only the keys their rows can see: no (T, T) mask at once, about half of one
+    in all; the document masks are built once per layout. Returns None when every row is empty
+    (the caller takes the masked path)."""
     T = q.shape[2]
     d, w = delay, window
     if d >= T or (w is not None and w <= d):
@@ -178,26 +215,21 @@ def consecutive_recall(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None, d
     width = None if w is None else w - d
     nb = max(1, L // (block_rows or CAUSAL_BLOCK_ROWS))
     rows = -(-L // nb)
-    if starts is not None:
-        # row j's own key j is in its document iff j >= the start of query t = j + d's document;
-        # rows without it see nothing: they get the band (never empty, no NaN) and are zeroed
-        row_start = starts[:, d:]  # (B, L)
-        nonempty = torch.arange(L, device=q.device) >= row_start
+    if documents is not None:
+        masks = documents.derived(("consecutive", d, width, rows, q.dtype),
+                                  lambda: _document_block_masks(run_starts(documents), d, width, rows, q.dtype))
     ys = []
-    for s in range(0, L, rows):
-        e = min(s + rows, L)
-        lo = 0 if width is None else max(0, s - width + 1)
+    for n, (s, e, lo) in enumerate(_query_blocks(L, rows, width)):
         qb, kb, vb = q[:, :, d + s:d + e], k[:, :, lo:e], v[:, :, lo:e]
-        if starts is None and width is None and s == 0:  # the top-left causal block: no mask to read
-            ys.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=1.0))
+        if documents is None:
+            if width is None and s == 0:  # the top-left causal block: no mask to read
+                ys.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=1.0))
+            else:
+                bias = _shift_band_bias(e - s, e - lo, s - lo, width, q.device, q.dtype)
+                ys.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0))
             continue
-        bias = _shift_band_bias(e - s, e - lo, s - lo, width, q.device, q.dtype)
-        if starts is None:
-            ys.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0))
-            continue
-        floor = torch.where(nonempty[:, s:e], row_start[:, s:e], lo)[:, None, :, None]  # (B, 1, rows, 1)
-        bias = torch.where(torch.arange(lo, e, device=q.device) >= floor, bias, float("-inf"))
+        bias, nonempty = masks[n]
         y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=1.0)
-        ys.append(torch.where(nonempty[:, None, s:e, None], y, torch.zeros((), dtype=y.dtype, device=y.device)))
+        ys.append(torch.where(nonempty, y, torch.zeros((), dtype=y.dtype, device=y.device)))
     y = ys[0] if nb == 1 else torch.cat(ys, dim=2)
     return F.pad(y, (0, 0, d, 0))

@@ -162,7 +162,9 @@ class LongShortMemory(MosaicModule):
             # norm of each kind (every head's math is independent): eager, each op is a dispatch
             # and a pass over memory, and the memories' features are most of v2's ops.
             H = short.key_extractor.num_local_heads
-            counts = torch.stack([visibility.visible_counts(context.layout) for visibility in visibilities], dim=1)
+            layout = context.layout
+            counts = layout.derived(("stacked_counts", visibilities), lambda: torch.stack(
+                [visibility.visible_counts(layout) for visibility in visibilities], dim=1))
             beta = adaptive_bandwidth(
                 torch.cat([short.bandwidth_theta0, long.bandwidth_theta0]).float(),
                 torch.cat([short.bandwidth_theta1, long.bandwidth_theta1]).float(),

@@ -424,9 +424,7 @@ def ring_associative_recall(
     layout.cache[("cp_positions_checked", plan)] = True
     rows = tile_rows or default_tile_rows(plan, B, H, max_tile_elements)
     # The tiles' document bounds cost one host transfer: once per layout and tile size.
-    tiles = layout.cache.get(("cp_query_tiles", plan, rows))
-    if tiles is None:
-        tiles = layout.cache[("cp_query_tiles", plan, rows)] = make_query_tiles(plan, layout.doc_starts, rows)
+    tiles = layout.derived(("cp_query_tiles", plan, rows), lambda: make_query_tiles(plan, layout.doc_starts, rows))
     exchange = PeerExchange(group) if cp_size > 1 else None
     ring = _Ring(plan, visibility, exchange)
     return _RingRecall.apply(queries, keys, values, layout.doc_starts, ring, tiles)

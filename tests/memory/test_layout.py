@@ -76,3 +76,20 @@ def test_index_select_facts():
     assert not shuffled.consecutive
     later = SequenceLayout.from_tokens(torch.tensor([[1, EOD, 3, 4]]), EOD).index_select(torch.tensor([2, 3]))
     assert later.consecutive and later.uniform_documents and not later.single_document
+
+
+def test_derived_is_built_once_per_layout_and_usable_by_autograd(monkeypatch):
+    builds = []
+    with torch.inference_mode():  # e.g. an evaluation's layout
+        layout = SequenceLayout.from_tokens(torch.tensor([[5, EOD, 6, 7]]), EOD)
+        first = layout.derived(("twice",), lambda: builds.append(1) or layout.positions * 2)
+    assert layout.derived(("twice",), lambda: builds.append(1)) is first and len(builds) == 1
+    assert not first.is_inference()  # autograd may save it for a later backward
+    x = torch.ones(1, 4, requires_grad=True)
+    (x * first).sum().backward()
+    assert x.grad.tolist() == [[0.0, 2.0, 4.0, 6.0]]
+    assert layout.resets is layout.resets and layout.resets.tolist() == [[True, False, True, False]]
+    # While torch.compile traces, built inline: the graph holds its own values, no dict guards.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layout.derived(("twice",), lambda: builds.append(1))
+    assert len(builds) == 2

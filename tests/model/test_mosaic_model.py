@@ -89,6 +89,37 @@ def test_layer_matches_naive_reference(version, packed):
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2", "gpt"])
+def test_layers_share_the_micro_batch_masks(kind, monkeypatch):
+    """Document masks, resets and visible counts are built once per micro-batch (by the first
+    layer, on the layout every layer shares), and the losses and gradients are exactly those of
+    building them again in every layer."""
+    from megatron_mosaic.memory import runs
+
+    def run(cached: bool):
+        torch.manual_seed(0)
+        model = (build_gpt_baseline(tiny_gpt_config(), VOCAB, eod_token_id=EOD) if kind == "gpt"
+                 else build(int(kind[1])))
+        if not cached:
+            monkeypatch.setattr(SequenceLayout, "derived", lambda self, key, make: make())
+        built = []
+        real = runs._document_block_masks
+        monkeypatch.setattr(runs, "_document_block_masks", lambda *a: built.append(a[1:4]) or real(*a))
+        tokens = packed_tokens(torch.Generator().manual_seed(2))
+        loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=3)
+        loss.mean().backward()
+        monkeypatch.undo()
+        return loss, [p.grad for p in model.parameters()], built
+
+    loss, grads, built = run(cached=True)
+    loss_again, grads_again, rebuilt = run(cached=False)
+    rules = {"v1": 1, "v2": 2, "gpt": 1}[kind]  # masking rules per layer (v2: short and long term)
+    assert len(built) == rules and len(set(built)) == rules
+    assert len(rebuilt) == 2 * rules  # two layers, each building its own
+    assert torch.equal(loss, loss_again)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "gpt"])
 def test_document_masking_isolates_documents(kind):
     """Outputs of one document do not move when another document of the packed row changes."""
     if kind == "gpt":
