@@ -12,7 +12,6 @@ Weights and compute are fp32, as on the single-process path, so both give the sa
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -25,15 +24,9 @@ def init_context_parallel(cp: int) -> None:
     """The process group (torchrun's environment) and Megatron's groups with CP = world size."""
     from megatron.core import parallel_state
 
-    from megatron_mosaic.training import cuda_compat
+    from megatron_mosaic.training.initialize import start_process_group
 
-    use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        cuda_compat.apply()
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    start_process_group()
     if dist.get_world_size() != cp:
         raise ValueError(f"--context-parallel-size {cp} needs exactly {cp} processes "
                          f"(torchrun --nproc_per_node={cp}), got {dist.get_world_size()}")

@@ -99,22 +99,8 @@ def device() -> torch.device:
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
-    """Start the process group (if not yet started) and Megatron's model-parallel groups.
-
-    Under torchrun the usual env variables are read; a plain ``python pretrain_mosaic.py`` run
-    becomes a one-rank group so the rest of the code needs no special case.
-    """
-    use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        cuda_compat.apply()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        init_process_group(backend, distributed_timeout(args))
+    """Start the process group (if not yet started) and Megatron's model-parallel groups."""
+    start_process_group(args.distributed_backend, distributed_timeout(args))
     if dist.get_world_size() != args.world_size:
         raise RuntimeError(f"arguments were validated for world size {args.world_size} but the "
                            f"process group has {dist.get_world_size()} ranks")
@@ -132,6 +118,26 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         print(f" {threads}", flush=True)
     set_random_seeds(args.seed)
+
+
+def start_process_group(backend: str | None = None,
+                        timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> None:
+    """The process group, unless one is already started, from torchrun's environment; a plain
+    ``python pretrain_mosaic.py`` run becomes a one-rank group so the rest of the code needs no
+    special case. ``backend`` None: nccl on LOCAL_RANK's GPU, else gloo. Without CUDA the CPU
+    patches (``cuda_compat``) are applied even to an existing group: Megatron is used next.
+    """
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cuda_compat.apply()
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout)
 
 
 def distributed_timeout(args: argparse.Namespace) -> datetime.timedelta:
