@@ -1,7 +1,8 @@
 """Hugging Face side of megatron_mosaic: configuration, modeling with a decoding cache, conversion.
 
-``configuration_memory_mosaic``, ``cache_memory_mosaic`` and ``modeling_memory_mosaic`` are
-self-contained (torch + transformers) and are copied into every exported model directory.
+The ``*_memory_mosaic`` model code files (configuration, cache, memories, layers, modeling; see
+export.MODEL_CODE_FILES) need only torch, transformers and megatron_mosaic/memory/, and are
+copied into every exported model directory with that memory math.
 """
 
 from .cache_memory_mosaic import MosaicCache

@@ -4,7 +4,7 @@ The output is written to a temporary sibling directory and renamed into place on
 file is complete, so a failed conversion never leaves something that looks like a model.
 
 Memory Mosaics export as ``MemoryMosaicForCausalLM`` with remote code: the configuration,
-modeling and cache files of this package plus the torch-only memory math
+modeling, layer, memory and cache files of this package plus the torch-only memory math
 (megatron_mosaic/memory/*.py, copied flat next to the modeling file, which imports them
 relatively). ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` then needs
 only torch and transformers. The GPT baseline exports as a standard ``LlamaForCausalLM``.
@@ -38,7 +38,13 @@ from .megatron_checkpoint import read_megatron_checkpoint
 
 HF_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MEMORY_PACKAGE_DIR = os.path.join(os.path.dirname(HF_PACKAGE_DIR), "memory")
-MODEL_CODE_FILES = ("configuration_memory_mosaic.py", "modeling_memory_mosaic.py", "cache_memory_mosaic.py")
+MODEL_CODE_FILES = (
+    "configuration_memory_mosaic.py",
+    "modeling_memory_mosaic.py",
+    "layers_memory_mosaic.py",
+    "memories_memory_mosaic.py",
+    "cache_memory_mosaic.py",
+)
 MODELING_FILE = "modeling_memory_mosaic.py"
 TOKENIZER_CODE_FILE = "tokenization_memory_mosaic.py"
 ARGS_FILE = "megatron_args.json"
@@ -100,29 +106,31 @@ def _relative_imports(path: str) -> list[str]:
 
 
 def memory_code_files() -> list[str]:
-    """The memory-math files an exported directory needs: those the modeling file imports
+    """The memory-math files an exported directory needs: those the model code files import
     relatively, then theirs, transitively. Early transformers 5.x (5.0) copies only the modeling
-    file's direct relative imports into its module cache, so every one of them must be direct."""
+    file's direct relative imports into its module cache, so every file reached (model code or
+    memory math) must be one of them."""
     modeling = os.path.join(HF_PACKAGE_DIR, MODELING_FILE)
     direct = {f"{module}.py" for module in _relative_imports(modeling)}
     needed = _relative_import_closure(modeling)
-    indirect = sorted(needed - direct)
+    indirect = sorted(needed - direct - {MODELING_FILE})
     if indirect:
-        raise ConversionError(f"{modeling}: needs {', '.join(indirect)} only through other memory files; import "
-                              "each directly (transformers 5.0 loads no indirect relative import of remote code)")
-    return sorted(needed)
+        raise ConversionError(f"{modeling}: needs {', '.join(indirect)} only through other files; import each "
+                              "directly (transformers 5.0 loads no indirect relative import of remote code)")
+    return sorted(needed - set(MODEL_CODE_FILES))
 
 
 def _relative_import_closure(modeling: str) -> set[str]:
-    """Memory files ``modeling`` imports relatively, and theirs, transitively."""
+    """Model code and memory files ``modeling`` imports relatively, and theirs, transitively."""
     needed: set[str] = set()
     queue = [(module, modeling) for module in _relative_imports(modeling)]
     while queue:
         module, importer = queue.pop()
         name = f"{module}.py"
-        if name in MODEL_CODE_FILES or name in needed:
+        if name in needed:
             continue
-        source = os.path.join(MEMORY_PACKAGE_DIR, name)
+        folder = HF_PACKAGE_DIR if name in MODEL_CODE_FILES else MEMORY_PACKAGE_DIR
+        source = os.path.join(folder, name)
         if not os.path.isfile(source):
             raise ConversionError(f"{importer}: imports .{module}, which is neither a model code file nor in "
                                   f"{MEMORY_PACKAGE_DIR}")
@@ -146,7 +154,7 @@ def _check_portable(path: str) -> None:
 
 
 def copy_model_code(target_dir: str) -> None:
-    """Configuration, modeling, cache and memory-math files into ``target_dir`` (flat)."""
+    """Model code files (MODEL_CODE_FILES) and memory-math files into ``target_dir`` (flat)."""
     sources = [os.path.join(HF_PACKAGE_DIR, f) for f in MODEL_CODE_FILES]
     sources += [os.path.join(MEMORY_PACKAGE_DIR, f) for f in memory_code_files()]
     for source in sources:

@@ -40,7 +40,8 @@ def test_exported_logits_equal_megatron(name, exported, parallel_checkpoints):
 def test_exported_directory_layout(exported):
     files = set(os.listdir(exported["v2_tp2"]))
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "megatron_args.json",
-            "configuration_memory_mosaic.py", "modeling_memory_mosaic.py", "cache_memory_mosaic.py", "scan.py",
+            "configuration_memory_mosaic.py", "modeling_memory_mosaic.py", "layers_memory_mosaic.py",
+            "memories_memory_mosaic.py", "cache_memory_mosaic.py", "scan.py",
             "retrieval.py", "layout.py", "values.py", "bandwidth.py", "features.py", "tokenizer.model",
             "tokenization_memory_mosaic.py"} <= files
     index = json.load(open(os.path.join(exported["v2_tp2"], "model.safetensors.index.json")))
@@ -107,14 +108,20 @@ def test_generate_tool_prints_text_continuations(exported, parallel_checkpoints,
 
 
 _BLOCK_PACKAGES = """
-import sys, importlib.abc
+import glob, os, sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in ('megatron', 'megatron_mosaic'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 import torch
+import transformers.dynamic_module_utils as dynamic
 from transformers import AutoModelForCausalLM
+if sys.argv[2] == 'direct-only':
+    dynamic.get_relative_import_files = lambda f: [
+        os.path.join(os.path.dirname(f), m + '.py') for m in dynamic.get_relative_imports(f)]
+for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.py'))):
+    dynamic.check_imports(path)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 ids = torch.tensor([[5, 6, 7, 3, 8, 9]])
 a = model.generate(ids, max_new_tokens=6, do_sample=False)
@@ -124,9 +131,16 @@ print('OK', type(model).__module__)
 """
 
 
-def test_exported_model_needs_only_torch_and_transformers(exported):
-    result = subprocess.run([sys.executable, "-c", _BLOCK_PACKAGES, exported["v1_pp2"]], capture_output=True,
-                            text=True, timeout=120, cwd="/")
+@pytest.mark.parametrize("loader", ["installed", "direct-only"])
+def test_exported_model_needs_only_torch_and_transformers(exported, loader, tmp_path):
+    """A process that cannot import megatron_mosaic: transformers' check_imports passes on every
+    copied file (the Hub loader runs it on each), and the model loads and generates, with the
+    installed loader and with one that copies only the modeling file's direct relative imports
+    into its module cache (transformers 5.0's rule for a local directory). A fresh module cache
+    each time, or files an earlier load copied would hide a missing one."""
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", _BLOCK_PACKAGES, exported["v1_pp2"], loader], capture_output=True,
+                            text=True, timeout=120, cwd="/", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK transformers_modules." in result.stdout
 
