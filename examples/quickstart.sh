@@ -6,6 +6,7 @@
 #   QUICKSTART_ITERS (300)  QUICKSTART_PARALLEL ("--pipeline-model-parallel-size 2")
 #   QUICKSTART_DATA (data/shakespeare)  QUICKSTART_RUNS (runs/quickstart)  PYTHON (.venv/bin/python)
 #   QUICKSTART_BF16 (0; 1 trains with --bf16: autocast, fp32 master weights, fp32 memory math)
+#   QUICKSTART_TRAIN_ONLY (0; 1 stops after training: tools/bench_training.py times the runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,6 +64,11 @@ for model in mosaic-v2 gpt; do
         --model "$model" "${COMMON[@]}" $PARALLEL \
         --save "$out/checkpoints" --tensorboard-dir "$out/tensorboard" 2>&1 | tee "$out/train.log"
 done
+
+if [ "${QUICKSTART_TRAIN_ONLY:-0}" = 1 ]; then
+    step "done in $((SECONDS - START)) s (training only): $RUNS/{mosaic-v2,gpt}/train.log"
+    exit 0
+fi
 
 step "results (validation loss in nats per token; lower is better)"
 "$PY" examples/quickstart_report.py --train "$DATA/train_text_document" \

@@ -1,20 +1,25 @@
-"""Time forward + backward of one-layer Mosaic v2, Mosaic v1 and GPT-baseline models on the CPU.
+"""Time forward + backward of one Mosaic v2, Mosaic v1 and GPT-baseline layer on the CPU.
 
     python tools/bench_layers.py [--repeats 10] [--threads 1] [--compile] [--profile]
 
-Each model has one layer and a small vocabulary (256) so the layer dominates. Shapes: the
+Each model has one layer and a small vocabulary (256); what is timed is its decoder alone
+(the layer and final norm, forward and backward, on the hidden states, rotary angles and
+micro-batch context the model hands it: tools/layer_benchmark.layer_step), so the embedding,
+output layer and loss, the same for every kind, do not dilute the ratios. Shapes: the
 quickstart micro-batch (B=2, T=256, d=128, H=4, SwiGLU 3d, window 64, delay 32) and a long one
 (B=1, T=2048, d=256, H=4, window 256, delay 128), each with one document per row ("single") and
 with EOD-packed documents ("packed", document masking on). Times are medians of interleaved runs
 measured in this process; the ratios are to the GPT baseline of the same row: time (v/gpt),
 analytic training FLOPs of the layer (flop, tools/layer_benchmark.py) and their quotient (t/f:
-1.00 = the same time per FLOP as the GPT layer, the FLOP efficiency goal); "ops" counts the aten
-ops of one eager fwd+bwd step, "ops/l" those a second layer adds (a deep model's cost per layer:
-the micro-batch's masks and counts are built once, by its first layer). ``--compile`` adds v1c/v2c columns: the same models with each
-key/value extractor's features (scan, key norm, value peek, norm) through torch.compile
-(inductor; needs gcc on the CPU); everything else, and the whole GPT baseline, stays eager, since
-the GPT layer has no such regions (its norms, SwiGLU and rotary are eager on both sides). Not a test.
-``--profile`` prints the torch.profiler table of the v2 model at the quickstart shape (packed).
+1.00 = the same time per FLOP as the GPT layer, the FLOP efficiency goal). The micro-batch's
+masks are rebuilt on every step, so the one layer pays for them in full, as the first layer of
+each micro-batch does; "ops" counts the aten ops of one such step and "ops/l" those a second
+layer adds (a deep model's cost per further layer). ``--compile`` adds v1c/v2c columns: the
+same models with each key/value extractor's features (scan, key norm, value peek, norm) through
+torch.compile (inductor; needs gcc on the CPU); everything else, and the whole GPT baseline,
+stays eager, since the GPT layer has no such regions (its norms, SwiGLU and rotary are eager on
+both sides). Not a test.
+``--profile`` prints the torch.profiler table of the v2 layer at the quickstart shape (packed).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def bench_shape(name: str, packed: bool, repeats: int, compiled: bool = False
     measured in this process. ``compiled`` adds v1c/v2c: the same seeded v1/v2 with their memory
     feature regions through torch.compile (``compile_memory_features``), timed interleaved with
     the eager models."""
-    from tools.layer_benchmark import aten_ops, build, compile_memory_features, layer_flops, step, time_models, tokens_for
+    from tools.layer_benchmark import aten_ops, build, compile_memory_features, layer_flops, time_models, tokens_for
 
     B, T, d, H, window, delay = SHAPES[name]
     models = {k: build(k, d, H, window, delay) for k in ("gpt", "v1", "v2")}
@@ -50,22 +55,19 @@ def bench_shape(name: str, packed: bool, repeats: int, compiled: bool = False
     flops = {k: B * layer_flops(m, k.rstrip("c"), T, window, delay) for k, m in models.items()}
     ops = {k: aten_ops(models[k], tokens, delay, bf16=False) for k in ("gpt", "v1", "v2")}
     for k in ("gpt", "v2"):  # a second layer's ops: what each further layer of a deep model adds
-        deeper = build(k, d, H, window, delay, layers=2)
-        step(deeper, tokens, delay, bf16=False)  # warm-up: shape-constant masks are built once
-        ops[k + "/layer"] = aten_ops(deeper, tokens, delay, bf16=False) - ops[k]
+        ops[k + "/layer"] = aten_ops(build(k, d, H, window, delay, layers=2), tokens, delay, bf16=False) - ops[k]
     return {k: 1000 * v for k, v in seconds.items()}, flops, ops
 
 
 def profile_v2(rows: int) -> None:
-    from tools.layer_benchmark import build, step, tokens_for
+    from tools.layer_benchmark import build, layer_step, tokens_for
 
     B, T, d, H, window, delay = SHAPES["quickstart"]
-    model = build("v2", d, H, window, delay)
-    tokens = tokens_for(B, T, packed=True)
-    step(model, tokens, delay, bf16=False)
+    run = layer_step(build("v2", d, H, window, delay), tokens_for(B, T, packed=True), delay, bf16=False)
+    run()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(5):
-            step(model, tokens, delay, bf16=False)
+            run()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 

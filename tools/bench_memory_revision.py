@@ -1,6 +1,7 @@
 """Before/after of the Mosaic v2 layer in one process: the layer of the working tree against the
 same layer built by the ``megatron_mosaic`` package of a git revision, timed interleaved with the
-GPT layer (the README's per-layer before/after table).
+GPT layer (the README's per-layer before/after table); each is its model's decoder alone, forward
+and backward (tools/layer_benchmark.layer_step, as tools/bench_layers.py times it).
 
     python tools/bench_memory_revision.py REV [--repeats 15] [--shapes quickstart long] [--percentile 50]
 
@@ -9,7 +10,7 @@ under another name, so any change is compared, structure and parameters included
 are built from the same seed and step on the same tokens. Interleaving makes the ratio robust to
 this machine's drifting speed. Prints, per shape and document kind, the step time in ms (the
 median, or ``--percentile``), time per FLOP relative to the GPT layer (t/f; analytic FLOPs of
-the working tree's layer) and aten ops per fwd+bwd step, before and after. Not a test.
+the working tree's layer) and aten ops per fwd+bwd, before and after. Not a test.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def import_revision(rev: str, workdir: str):
 
 
 def main() -> None:
-    from megatron_mosaic.training.initialize import single_rank_megatron
+        from megatron_mosaic.training.initialize import single_rank_megatron
     from tools.bench_layers import SHAPES
-    from tools.layer_benchmark import aten_ops, build, layer_flops, step, tokens_for
+    from tools.layer_benchmark import aten_ops, build, layer_flops, layer_step, tokens_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("rev", help="git revision whose v2 layer is the 'before'")
@@ -71,11 +72,12 @@ def main() -> None:
                           "before": build("v2", d, H, window, delay, package=old),
                           "after": build("v2", d, H, window, delay)}
                 tokens = tokens_for(B, T, packed)
+                steps = {k: layer_step(m, tokens, delay, False) for k, m in models.items()}
                 times = {k: [] for k in models}
                 for repeat in range(a.repeats + 1):  # the first round warms up
-                    for kind, model in models.items():
+                    for kind, run in steps.items():
                         start = time.perf_counter()
-                        step(model, tokens, delay, False)
+                        run()
                         if repeat:
                             times[kind].append(time.perf_counter() - start)
                 ms = {k: 1000 * sorted(v)[min(len(v) - 1, int(len(v) * a.percentile / 100))] for k, v in times.items()}

@@ -5,8 +5,10 @@ Analytic FLOPs count as Megatron-LM does: a multiply-add is 2 FLOPs, training is
 passes; per token the forward costs 2 x the layer's matrix weights (v1's persistent slots
 included: they are scored and mixed like a weight matrix) plus 4 d per (query, key) pair the
 layer retrieves from under its visibility rule on one document of T tokens. Scans, norms and
-softmax are O(T d) and left out. Times are medians of interleaved fwd+bwd steps in one process;
-"aten ops" counts the ops one fwd+bwd step dispatches (the launch-bound cost on a GPU).
+softmax are O(T d) and left out. Times are medians of interleaved forward + backward passes of
+the models' decoders (``layer_step``: the layers alone, as the FLOPs; no embedding, output
+layer or loss) in one process; "aten ops" counts the ops one such pass dispatches (the
+launch-bound cost on a GPU).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -101,35 +104,75 @@ def _sync(device: torch.device) -> None:
 
 
 def step(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> None:
+    """One training step of the whole model (embedding, layers, output layer, loss)."""
     model.zero_grad(set_to_none=True)
     with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=delay)
     loss.float().mean().backward()
 
 
-def time_models(models: dict[str, torch.nn.Module], tokens: torch.Tensor, delay: int, repeats: int,
-                bf16: bool = False) -> dict[str, float]:
-    """Median seconds of one fwd+bwd step per model, interleaved so load changes hit all alike."""
-    device = tokens.device
-    for m in models.values():  # warm-up (kernel selection, allocator)
-        step(m, tokens, delay, bf16)
-    times: dict[str, list[float]] = {k: [] for k in models}
+def layer_step(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> Callable[[], None]:
+    """A callable running forward + backward of ``model``'s decoder (its layers and final norm)
+    on the inputs the model hands it for ``tokens``: what ``layer_flops`` counts. The embedding,
+    output layer and loss are left out: the same for every kind, they would pull every ratio
+    towards 1. The micro-batch's shared masks are dropped before each call, so the layer pays
+    for building them, as the first layer of every micro-batch does."""
+    captured: dict = {}
+    handle = model.decoder.register_forward_pre_hook(lambda _, args, kwargs: captured.update(kwargs, args=args),
+                                                     with_kwargs=True)
+    try:
+        with torch.no_grad(), torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(tokens, long_term_delay=delay)
+    finally:
+        handle.remove()
+    if captured.pop("args"):
+        raise RuntimeError("layer_step: the model passed its decoder positional arguments")
+    hidden = captured.pop("hidden_states").detach().requires_grad_()
+    layout = getattr(captured.get("packed_seq_params"), "layout", None)
+    upstream: list[torch.Tensor] = []
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        hidden.grad = None
+        if layout is not None:
+            layout.cache.clear()
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.decoder(hidden_states=hidden, **captured)
+        if not upstream:  # one fixed gradient from the loss side, seeded
+            gen = torch.Generator(device=out.device).manual_seed(0)
+            upstream.append(torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype))
+        out.backward(upstream[0])
+    return run
+
+
+def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds of each step, interleaved so load changes hit all alike."""
+    for run in steps.values():  # warm-up (kernel selection, allocator, shape-constant masks)
+        run()
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
-        for k, m in models.items():
+        for k, run in steps.items():
             _sync(device)
             start = time.perf_counter()
-            step(m, tokens, delay, bf16)
+            run()
             _sync(device)
             times[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_models(models: dict[str, torch.nn.Module], tokens: torch.Tensor, delay: int, repeats: int,
+                bf16: bool = False) -> dict[str, float]:
+    """Median seconds of each model's decoder fwd+bwd (``layer_step``), interleaved."""
+    return time_steps({k: layer_step(m, tokens, delay, bf16) for k, m in models.items()}, tokens.device, repeats)
+
+
 def peak_memory(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> float | None:
-    """Peak device memory (GiB) of one fwd+bwd step; None off CUDA."""
+    """Peak device memory (GiB) of one decoder fwd+bwd; None off CUDA."""
     if tokens.device.type != "cuda":
         return None
+    run = layer_step(model, tokens, delay, bf16)
     torch.cuda.reset_peak_memory_stats(tokens.device)
-    step(model, tokens, delay, bf16)
+    run()
     return torch.cuda.max_memory_allocated(tokens.device) / 2**30
 
 
@@ -144,10 +187,13 @@ class _OpCounter(TorchDispatchMode):
 
 
 def aten_ops(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> int:
-    """aten ops dispatched by one fwd+bwd step (each one a kernel launch or more on a GPU)."""
+    """aten ops dispatched by one decoder fwd+bwd (``layer_step``; each one a kernel launch or
+    more on a GPU), after a warm-up call."""
+    run = layer_step(model, tokens, delay, bf16)
+    run()
     counter = _OpCounter()
     with counter:
-        step(model, tokens, delay, bf16)
+        run()
     return counter.count
 
 
