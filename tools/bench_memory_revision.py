@@ -49,7 +49,7 @@ def import_revision(rev: str, workdir: str):
 
 
 def main() -> None:
-        from megatron_mosaic.training.initialize import single_rank_megatron
+    from megatron_mosaic.training.initialize import single_rank_megatron
     from tools.bench_layers import SHAPES
     from tools.layer_benchmark import aten_ops, build, layer_flops, layer_step, tokens_for
 
