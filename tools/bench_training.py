@@ -8,8 +8,8 @@ Mosaic v2 and the GPT baseline, 2 processes, pipeline parallel; its data must ex
 ``make quickstart`` once) for each variant in turn, ``--rounds`` times, so load changes on a
 shared machine hit every variant alike. Prints each run's mean training tokens/s (the ``final``
 line of its log), the median per model and variant, and each variant's ratio to the first.
-For example, glibc's malloc thresholds (fewer page faults per step) against its defaults:
-``--variant glibc= --variant thresholds=MALLOC_MMAP_THRESHOLD_=33554432,MALLOC_TRIM_THRESHOLD_=1073741824``.
+For example, the quickstart's malloc thresholds against glibc's defaults:
+``--variant glibc=QUICKSTART_MALLOC=0 --variant thresholds=``.
 Not a test: numbers only.
 """
 
