@@ -55,9 +55,10 @@ def _measure(argv: list[str], repeats: int) -> tuple[int, float]:
 
 def main() -> int:
     from megatron_mosaic.training.initialize import single_rank_megatron
+    from megatron_mosaic.training.model_kinds import KINDS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="mosaic-v2", choices=("mosaic-v1", "mosaic-v2", "gpt"))
+    parser.add_argument("--model", default="mosaic-v2", choices=tuple(KINDS))
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-attention-heads", type=int, default=4)

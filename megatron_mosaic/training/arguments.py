@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 # Stdlib-only modules: arguments still parse before torch/megatron are imported.
 from megatron_mosaic.training.megatron_flags import add_megatron_flags, check_megatron_flags
+from megatron_mosaic.training.model_kinds import KINDS, kind_of
 from megatron_mosaic.training.observability_args import (
     add_observability_args,
     check_observability_args,
@@ -33,7 +34,7 @@ from megatron_mosaic.data.tokenizers import (
     VOCAB_SIZE_HELP,
 )
 
-MODELS = ("mosaic-v1", "mosaic-v2", "gpt")
+MODELS = tuple(KINDS)  # ("mosaic-v1", "mosaic-v2", "gpt")
 # Megatron-LM's choices; only torch_dist is written and read here (the others are refused by name).
 CKPT_FORMATS = ("torch", "torch_dist", "zarr", "torch_dcp", "fsdp_dtensor")
 
@@ -203,7 +204,7 @@ def _derive(args: argparse.Namespace, world_size: int) -> None:
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * max(args.data_parallel_size, 1)
     if args.attention_dropout is None:  # see --attention-dropout's help
-        args.attention_dropout = 0.1 if args.model == "gpt" else 0.0
+        args.attention_dropout = kind_of(args).attention_dropout
     derive_schedule(args)
     if args.per_position_eval_iters is None:
         args.per_position_eval_iters = args.eval_iters
@@ -295,7 +296,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     if args.lr_decay_style == "WSD":
         _check(steps["wsd_decay_steps"] is not None,
                "--lr-decay-style WSD needs --lr-wsd-decay-iters (or --lr-wsd-decay-samples)")
-    if args.model != "gpt":
+    if kind_of(args).is_mosaic:
         _check(args.attention_dropout == 0.0,
                f"--attention-dropout {args.attention_dropout}: Mosaic memories have no attention "
                f"probabilities to drop (use --hidden-dropout)")
@@ -399,8 +400,9 @@ def _check_fp8_and_te(args: argparse.Namespace) -> None:
         return
     what = (f"--fp8-format {args.fp8_format}" if args.fp8_format
             else "--transformer-impl transformer_engine")
-    _check(args.model != "gpt", f"{what} is implemented for --model mosaic-v1/mosaic-v2; the GPT "
-                                f"baseline is built from Megatron's local spec only")
+    _check(kind_of(args).transformer_engine,
+           f"{what} is implemented for --model mosaic-v1/mosaic-v2; the GPT "
+           f"baseline is built from Megatron's local spec only")
     have_te = importlib.util.find_spec("transformer_engine") is not None
     _check(have_te, f"{what} needs NVIDIA Transformer Engine, which is not installed "
                     f"(pip install 'megatron_mosaic[te]' on a CUDA machine)")
@@ -462,7 +464,7 @@ def args_from_dict(saved: dict[str, Any], **overrides: Any) -> argparse.Namespac
         setattr(args, key, value)
     args.long_term_delay_range = tuple(args.long_term_delay_range)
     if args.attention_dropout is None:  # as _derive: the model's default
-        args.attention_dropout = 0.1 if args.model == "gpt" else 0.0
+        args.attention_dropout = kind_of(args).attention_dropout
     return args
 
 

@@ -45,6 +45,7 @@ from megatron_mosaic.training.checkpoint_safety import (
     free_bytes,
     save_failed_message,
 )
+from megatron_mosaic.training.model_kinds import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -359,11 +360,7 @@ class CheckpointMismatchError(ValueError):
 # Arguments that fix the shapes of the saved tensors: a checkpoint only loads if they agree.
 # Fields a model does not use (v1 has no SwiGLU, v2 and gpt no persistent-memory slots) are not compared.
 _COMMON_ARCHITECTURE_ARGS = ("model", "num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
-ARCHITECTURE_ARGS = {
-    "mosaic-v1": _COMMON_ARCHITECTURE_ARGS + ("persistent_memory_size", "disable_bias_linear"),
-    "mosaic-v2": _COMMON_ARCHITECTURE_ARGS + ("ffn_hidden_size",),
-    "gpt": _COMMON_ARCHITECTURE_ARGS + ("ffn_hidden_size",),
-}
+ARCHITECTURE_ARGS = {name: _COMMON_ARCHITECTURE_ARGS + kind.shape_args for name, kind in KINDS.items()}
 
 
 def check_checkpoint_matches(args: Any) -> None:

@@ -10,7 +10,7 @@ costs 3 forward passes (forward + backward's two matmuls per weight). Per token,
   each model's visibility rule on a sequence of --seq-length without document breaks:
   gpt: causal (t + 1 keys); mosaic-v1 contextual memory: the t earlier pairs; mosaic-v2 short-term
   memory: min(t, h - 1) pairs; long-term memory: pairs at least m back, averaged over the
-  training delays m ~ U{low..high}.
+  training delays m ~ U{low..high} (each kind's ``visible_pairs`` in model_kinds.KINDS).
 Key recurrences, norms and softmax are O(T d) and left out, as Megatron-LM leaves them out.
 """
 
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_mosaic.training.model_kinds import kind_of
 from megatron_mosaic.training.optimizer import counts_toward_norm
 
 
@@ -45,17 +46,7 @@ def matmul_weights(model_chunks: Sequence[torch.nn.Module], tied_output: int = 0
 
 def mean_visible_pairs(args: argparse.Namespace) -> float:
     """Retrieved (query, key) pairs per token per layer, summed over the layer's memories."""
-    T = args.seq_length
-    if args.model == "gpt":
-        return (T + 1) / 2
-    if args.model == "mosaic-v1":
-        return (T - 1) / 2
-    h = args.short_term_window
-    short = sum(min(t, h - 1) for t in range(T)) / T
-    low, high = args.long_term_delay_range
-    delays = range(low, high + 1)
-    long = sum(max(T - m, 0) * max(T - m + 1, 0) / 2 for m in delays) / (len(delays) * T)
-    return short + long
+    return kind_of(args).visible_pairs(args)
 
 
 def flops_per_sample(args: argparse.Namespace, weights: int) -> float:
@@ -65,5 +56,5 @@ def flops_per_sample(args: argparse.Namespace, weights: int) -> float:
 
 
 def model_flops_per_sample(args: argparse.Namespace, model_chunks: Sequence[torch.nn.Module]) -> float:
-    tied = args.hidden_size * args.padded_vocab_size if args.model == "mosaic-v1" else 0
+    tied = args.hidden_size * args.padded_vocab_size if kind_of(args).tied_output else 0
     return flops_per_sample(args, matmul_weights(model_chunks, tied_output=tied))

@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_mosaic.training.arguments import num_microbatches
 from megatron_mosaic.training.batch_schedule import batch_for_step
 from megatron_mosaic.training.initialize import device
+from megatron_mosaic.training.model_kinds import kind_of
 
 Batch = dict[str, torch.Tensor]
 DataIterators = list[Iterator[Batch]]
@@ -49,7 +50,7 @@ class StepResult:
 
 def long_term_delay_for_step(args: argparse.Namespace, iteration: int) -> Optional[int]:
     """v2's training delay m for the step after ``iteration`` completed steps (same on all ranks)."""
-    if args.model != "mosaic-v2":
+    if not kind_of(args).long_term_delay:
         return None
     from megatron_mosaic.model.delay import sample_long_term_delay
 

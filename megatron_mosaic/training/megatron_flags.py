@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-# Model-specific facts the checks below compare against.
-NORMALIZATION = {"mosaic-v1": "LayerNorm", "mosaic-v2": "RMSNorm", "gpt": "RMSNorm"}
-POSITION_EMBEDDING = {"mosaic-v1": "none", "mosaic-v2": "none", "gpt": "rope"}
-SWIGLU_MODELS = ("mosaic-v2", "gpt")  # v1 has no MLP: its persistent memory replaces it
-UNTIED_MODELS = ("mosaic-v2", "gpt")  # v1 ties the output layer to the embedding (paper)
+from megatron_mosaic.training.model_kinds import kind_of
+
 ROTARY_BASE = 10000  # the baseline's RoPE (Megatron-LM's default)
 
 NO_EXPERTS = "no model here has experts (MoE is not implemented for Memory Mosaics or the baseline)"
@@ -100,7 +97,8 @@ def _given(args: argparse.Namespace, flag: str):
 
 def _model_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
     """(ok, message) for each flag whose acceptance depends on the model or other flags."""
-    model, head_dim = args.model, args.hidden_size // max(args.num_attention_heads, 1)
+    model, kind = args.model, kind_of(args)  # the model-specific facts checked below
+    head_dim = args.hidden_size // max(args.num_attention_heads, 1)
     v = lambda flag: _given(args, flag)  # noqa: E731
     return [
         (v("--attention-backend") in (None, "auto"),
@@ -114,20 +112,22 @@ def _model_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
         (v("--max-position-embeddings") is None or v("--max-position-embeddings") >= args.seq_length,
          f"--max-position-embeddings ({v('--max-position-embeddings')}) must be >= --seq-length "
          f"({args.seq_length})"),
-        (v("--normalization") in (None, NORMALIZATION[model]),
-         f"--normalization {v('--normalization')}: --model {model} uses {NORMALIZATION[model]}"),
-        (v("--position-embedding-type") in (None, POSITION_EMBEDDING[model]),
+        (v("--normalization") in (None, kind.normalization),
+         f"--normalization {v('--normalization')}: --model {model} uses {kind.normalization}"),
+        (v("--position-embedding-type") in (None, kind.position_embedding),
          f"--position-embedding-type {v('--position-embedding-type')}: --model {model} uses "
-         f"{POSITION_EMBEDDING[model]}" + (" (Memory Mosaics have no positional encoding)"
-                                          if model != "gpt" else "")),
-        (v("--rotary-base") in (None, ROTARY_BASE) and (v("--rotary-base") is None or model == "gpt"),
+         f"{kind.position_embedding}" + (" (Memory Mosaics have no positional encoding)"
+                                         if kind.is_mosaic else "")),
+        (v("--rotary-base") in (None, ROTARY_BASE)
+         and (v("--rotary-base") is None or kind.position_embedding == "rope"),
          f"--rotary-base {v('--rotary-base')}: only the gpt baseline has RoPE, with base {ROTARY_BASE}"),
-        (v("--rotary-percent") in (None, 1.0) and (v("--rotary-percent") is None or model == "gpt"),
+        (v("--rotary-percent") in (None, 1.0)
+         and (v("--rotary-percent") is None or kind.position_embedding == "rope"),
          f"--rotary-percent {v('--rotary-percent')}: only the gpt baseline has RoPE, on all "
          f"channels (1.0)"),
-        (not args.swiglu or model in SWIGLU_MODELS,
+        (not args.swiglu or kind.swiglu,
          "--swiglu: mosaic-v1 has no MLP (its persistent memory replaces it)"),
-        (not args.untie_embeddings_and_output_weights or model in UNTIED_MODELS,
+        (not args.untie_embeddings_and_output_weights or not kind.tied_output,
          "--untie-embeddings-and-output-weights: mosaic-v1 ties its output layer to the embedding"),
     ]
 

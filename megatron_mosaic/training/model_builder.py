@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mosaic.training.arguments import args_from_dict
 from megatron_mosaic.training.initialize import device as compute_device
+from megatron_mosaic.training.model_kinds import kind_of
 
 
 def _as_namespace(args: Union[argparse.Namespace, dict[str, Any]]) -> argparse.Namespace:
@@ -79,13 +80,13 @@ def _backend() -> str:
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
     """MosaicConfig for mosaic-v1/v2, a Llama-style GPTBaselineConfig for the GPT baseline."""
     fields = _common_config_fields(args)
-    if args.model == "gpt":
+    version = kind_of(args).mosaic_version
+    if version is None:
         from megatron_mosaic.model.gpt_baseline import gpt_baseline_config
 
         return gpt_baseline_config(**fields)
     from megatron_mosaic.model.config import MosaicConfig
 
-    version = 1 if args.model == "mosaic-v1" else 2
     mosaic = dict(
         mosaic_version=version,
         persistent_memory_size=args.persistent_memory_size,
@@ -106,7 +107,7 @@ def _build_chunk(args: argparse.Namespace, config: TransformerConfig, vp_stage: 
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     eod = getattr(args, "eod_token_id", None)
-    if args.model == "gpt":
+    if not kind_of(args).is_mosaic:
         from megatron_mosaic.model.gpt_baseline import build_gpt_baseline
 
         return build_gpt_baseline(config, args.padded_vocab_size, pre_process=pre, post_process=post,
