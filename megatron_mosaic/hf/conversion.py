@@ -19,10 +19,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from megatron_mosaic.training.model_kinds import KINDS, ModelKind
+
 from .configuration_memory_mosaic import MemoryMosaicConfig
 
-MOSAIC_MODELS = {"mosaic-v1": 1, "mosaic-v2": 2}
-GPT_MODEL = "gpt"
 ROPE_BASE = 10000.0  # megatron_mosaic.model.gpt_baseline's rotary_base (model_builder's default)
 MEGATRON_NORM_EPS = 1e-5  # TransformerConfig.layernorm_epsilon default (not a run argument)
 
@@ -31,10 +31,11 @@ class ConversionError(ValueError):
     """Weights and configuration do not fit together, or a feature has no mapping."""
 
 
-def model_kind(args: Mapping[str, Any]) -> str:
-    kind = args.get("model")
-    if kind not in (*MOSAIC_MODELS, GPT_MODEL):
-        raise ConversionError(f"checkpoint args.model is {kind!r}: expected one of mosaic-v1, mosaic-v2, gpt")
+def model_kind(args: Mapping[str, Any]) -> ModelKind:
+    """The registry entry (training/model_kinds.py) of a checkpoint's ``args.model``."""
+    kind = KINDS.get(args.get("model"))
+    if kind is None:
+        raise ConversionError(f"checkpoint args.model is {args.get('model')!r}: expected one of {', '.join(KINDS)}")
     return kind
 
 
@@ -66,7 +67,7 @@ def hf_config_from_args(args: Mapping[str, Any]):
     )
     hidden = common["hidden_size"]
     ffn = int(args.get("ffn_hidden_size") or 3 * hidden)
-    if kind == GPT_MODEL:
+    if not kind.is_mosaic:
         from transformers import LlamaConfig
 
         groups = args.get("num_query_groups") or common["num_attention_heads"]
@@ -82,7 +83,7 @@ def hf_config_from_args(args: Mapping[str, Any]):
             mlp_bias=False,
             tie_word_embeddings=False,
         )
-    version = MOSAIC_MODELS[kind]
+    version = kind.mosaic_version
     return MemoryMosaicConfig(
         **common,
         mosaic_version=version,
@@ -128,7 +129,7 @@ def args_from_hf_config(config, base_args: Mapping[str, Any] | None = None) -> d
         eps = config.layernorm_epsilon
     elif model_type == "llama":
         _check_llama_supported(config)
-        arch = dict(model=GPT_MODEL, ffn_hidden_size=config.intermediate_size,
+        arch = dict(model="gpt", ffn_hidden_size=config.intermediate_size,
                     eod_token_id=args.get("eod_token_id", _first(config.eos_token_id)))
         eps = config.rms_norm_eps
     else:

@@ -25,8 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from .conversion import (
-    GPT_MODEL,
-    MOSAIC_MODELS,
     ConversionError,
     check_tensors,
     gpt_to_llama,
@@ -326,7 +324,7 @@ def hf_model_from_checkpoint(load_dir: str, dtype: torch.dtype | None = None):
     args = checkpoint.args
     kind = model_kind(args)
     config = hf_config_from_args(args)
-    if kind == GPT_MODEL:
+    if not kind.is_mosaic:
         from transformers import LlamaForCausalLM
 
         state = gpt_to_llama(checkpoint.tensors, config.num_attention_heads, config.num_key_value_heads)
@@ -334,7 +332,7 @@ def hf_model_from_checkpoint(load_dir: str, dtype: torch.dtype | None = None):
     else:
         from .modeling_memory_mosaic import MemoryMosaicForCausalLM
 
-        state = mosaic_to_hf(checkpoint.tensors, MOSAIC_MODELS[kind])
+        state = mosaic_to_hf(checkpoint.tensors, kind.mosaic_version)
         model_cls = MemoryMosaicForCausalLM
         config.auto_map = dict(AUTO_MAP)
     model = build_hf_model(config, _cast(state, dtype), model_cls, f"checkpoint {checkpoint.path}")
@@ -367,7 +365,7 @@ def export_to_hf(
         model.generation_config.suppress_tokens = padded_token_ids(len(hf_tokenizer), model.config.vocab_size)
     with staged_directory(output_dir, overwrite) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
-        if kind != GPT_MODEL:
+        if kind.is_mosaic:
             copy_model_code(staging)
         if hf_tokenizer is not None:
             save_hf_tokenizer(hf_tokenizer, staging)
@@ -376,7 +374,7 @@ def export_to_hf(
                        "args": {k: _json_safe(v) for k, v in args.items()}}, f, indent=2, sort_keys=True)
         files = sorted(os.listdir(staging))
     return {
-        "model": kind,
+        "model": kind.name,
         "iteration": checkpoint.iteration,
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer": args.get("tokenizer_type") if hf_tokenizer is not None else None,
