@@ -14,8 +14,10 @@ analytic training FLOPs of the layer (flop, tools/layer_benchmark.py) and their 
 1.00 = the same time per FLOP as the GPT layer, the FLOP efficiency goal). The micro-batch's
 masks are rebuilt on every step, so the one layer pays for them in full, as the first layer of
 each micro-batch does; "ops" counts the aten ops of one such step and "ops/l" those a second
-layer adds (a deep model's cost per further layer). ``--compile`` adds v1c/v2c columns: the
-same models with each key/value extractor's features (scan, key norm, value peek, norm) through
+layer adds; "t/f/l" is v2's t/f for that second layer (two-layer decoders timed with the rest,
+minus the one-layer ones): a deep model's cost per further layer, without the decoder's fixed
+part and the micro-batch's masks; a difference of two medians, so noisier than t/f.
+``--compile`` adds v1c/v2c columns: the same models with each key/value extractor's features (scan, key norm, value peek, norm) through
 torch.compile (inductor; needs gcc on the CPU); everything else, and the whole GPT baseline,
 stays eager, since the GPT layer has no such regions (its norms, SwiGLU and rotary are eager on
 both sides). Not a test.
@@ -48,14 +50,19 @@ def bench_shape(name: str, packed: bool, repeats: int, compiled: bool = False
 
     B, T, d, H, window, delay = SHAPES[name]
     models = {k: build(k, d, H, window, delay) for k in ("gpt", "v1", "v2")}
+    # Two-layer decoders, timed with the rest: their difference to the one-layer ones is what a
+    # further layer of a deep model costs (the decoder's fixed part and the micro-batch's masks
+    # drop out)
+    models.update({k + ":2": build(k, d, H, window, delay, layers=2) for k in ("gpt", "v2")})
     if compiled:
         models.update({k + "c": compile_memory_features(build(k, d, H, window, delay)) for k in ("v1", "v2")})
     tokens = tokens_for(B, T, packed)
     seconds = time_models(models, tokens, delay, repeats)
-    flops = {k: B * layer_flops(m, k.rstrip("c"), T, window, delay) for k, m in models.items()}
+    flops = {k: B * layer_flops(m, k.rstrip("c"), T, window, delay) for k, m in models.items() if ":" not in k}
     ops = {k: aten_ops(models[k], tokens, delay, bf16=False) for k in ("gpt", "v1", "v2")}
-    for k in ("gpt", "v2"):  # a second layer's ops: what each further layer of a deep model adds
-        ops[k + "/layer"] = aten_ops(build(k, d, H, window, delay, layers=2), tokens, delay, bf16=False) - ops[k]
+    for k in ("gpt", "v2"):  # what a further layer adds
+        ops[k + "/layer"] = aten_ops(models[k + ":2"], tokens, delay, bf16=False) - ops[k]
+        seconds[k + "/layer"] = seconds.pop(k + ":2") - seconds[k]
     return {k: 1000 * v for k, v in seconds.items()}, flops, ops
 
 
@@ -91,7 +98,7 @@ def main() -> None:
         extra = ["v1c", "v2c"] if args.compile else []
         print(f"{'shape':<11} {'docs':<7} {'gpt ms':>8} {'v1 ms':>8} {'v2 ms':>8} {'v1/gpt':>7} {'v2/gpt':>7} "
               f"{'v1 flop':>8} {'v2 flop':>8} {'v1 t/f':>7} {'v2 t/f':>7} {'gpt ops':>8} {'v2 ops':>7} "
-              f"{'gpt ops/l':>9} {'v2 ops/l':>8}"
+              f"{'gpt ops/l':>9} {'v2 ops/l':>8} {'v2 t/f/l':>8}"
               + "".join(f" {k + ' ms':>8} {k + ' t/f':>8}" for k in extra))
         for name in args.shapes:
             for packed in (False, True):
@@ -101,7 +108,7 @@ def main() -> None:
                 print(f"{name:<11} {'packed' if packed else 'single':<7} {ms['gpt']:8.1f} {ms['v1']:8.1f} "
                       f"{ms['v2']:8.1f} {t['v1']:7.2f} {t['v2']:7.2f} {f['v1']:8.2f} {f['v2']:8.2f} "
                       f"{t['v1'] / f['v1']:7.2f} {t['v2'] / f['v2']:7.2f} {ops['gpt']:8d} {ops['v2']:7d} "
-                      f"{ops['gpt/layer']:9d} {ops['v2/layer']:8d}"
+                      f"{ops['gpt/layer']:9d} {ops['v2/layer']:8d} {t['v2/layer'] / t['gpt/layer'] / f['v2']:8.2f}"
                       + "".join(f" {ms[k]:8.1f} {t[k] / f[k]:8.2f}" for k in extra), flush=True)
 
 if __name__ == "__main__":
