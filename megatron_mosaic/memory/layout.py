@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from .masks import outside_autograd
+
 
 @dataclass(frozen=True)
 class SequenceLayout:
@@ -105,15 +107,14 @@ class SequenceLayout:
 
     def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
         """``build()``, a function of this layout alone, built once per layout under ``key``
-        (the layers of a micro-batch share its layout, so they share the result). Built outside
-        autograd and inference mode (autograd may save it for a backward that runs later);
-        while torch.compile traces, built inline (the graph's own values, no dict guards)."""
+        (the layers of a micro-batch share its layout, so they share the result) as the shape
+        constants are (``masks.outside_autograd``); while torch.compile traces, built inline
+        (the graph's own values, no dict guards)."""
         if torch.compiler.is_compiling():
             return build()
         value = self.cache.get(key)
         if value is None:
-            with torch.inference_mode(False), torch.no_grad():
-                value = self.cache[key] = build()
+            value = self.cache[key] = outside_autograd(build)
         return value
 
     @property

@@ -15,16 +15,19 @@ def additive_mask(visible: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
+def outside_autograd(build: Callable, *args):
+    """``build(*args)`` outside autograd and inference mode: a cached constant that autograd may
+    save for a backward that runs later, which an inference-mode tensor cannot be."""
+    with torch.inference_mode(False), torch.no_grad():
+        return build(*args)
+
+
 def shape_constant(maxsize: int) -> Callable:
     """Decorator for a builder of tensors that depend on its (hashable) arguments alone: eager,
-    each is built once per arguments and cached; while torch.compile traces, built inline (the
-    graph's constants). Built outside inference mode and autograd: autograd saves them for
-    backwards that run later, which an inference-mode tensor cannot be."""
+    each is built once per arguments (``outside_autograd``) and cached; while torch.compile
+    traces, built inline (the graph's constants)."""
     def decorate(build: Callable) -> Callable:
-        @functools.lru_cache(maxsize=maxsize)
-        def cached(*args):
-            with torch.inference_mode(False), torch.no_grad():
-                return build(*args)
+        cached = functools.lru_cache(maxsize=maxsize)(functools.partial(outside_autograd, build))
 
         @functools.wraps(build)
         def get(*args):
