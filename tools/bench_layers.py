@@ -17,10 +17,10 @@ each micro-batch does; "ops" counts the aten ops of one such step and "ops/l" th
 layer adds; "t/f/l" is v2's t/f for that second layer (two-layer decoders timed with the rest,
 minus the one-layer ones): a deep model's cost per further layer, without the decoder's fixed
 part and the micro-batch's masks; a difference of two medians, so noisier than t/f.
-``--compile`` adds v1c/v2c columns: the same models with each key/value extractor's features (scan, key norm, value peek, norm) through
-torch.compile (inductor; needs gcc on the CPU); everything else, and the whole GPT baseline,
-stays eager, since the GPT layer has no such regions (its norms, SwiGLU and rotary are eager on
-both sides). Not a test.
+``--compile`` adds v1c/v2c columns: the same models with each key/value extractor's features
+(scan, key norm, value peek, norm) through torch.compile (inductor; needs gcc on the CPU);
+everything else, and the whole GPT baseline, stays eager, since the GPT layer has no such
+regions (its norms, SwiGLU and rotary are eager on both sides). Not a test.
 ``--profile`` prints the torch.profiler table of the v2 layer at the quickstart shape (packed).
 """
 

@@ -22,7 +22,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -51,7 +50,7 @@ def import_revision(rev: str, workdir: str):
 def main() -> None:
     from megatron_mosaic.training.initialize import single_rank_megatron
     from tools.bench_layers import SHAPES
-    from tools.layer_benchmark import aten_ops, build, layer_flops, layer_step, tokens_for
+    from tools.layer_benchmark import aten_ops, build, layer_flops, layer_step, time_steps, tokens_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("rev", help="git revision whose v2 layer is the 'before'")
@@ -73,14 +72,7 @@ def main() -> None:
                           "after": build("v2", d, H, window, delay)}
                 tokens = tokens_for(B, T, packed)
                 steps = {k: layer_step(m, tokens, delay, False) for k, m in models.items()}
-                times = {k: [] for k in models}
-                for repeat in range(a.repeats + 1):  # the first round warms up
-                    for kind, run in steps.items():
-                        start = time.perf_counter()
-                        run()
-                        if repeat:
-                            times[kind].append(time.perf_counter() - start)
-                ms = {k: 1000 * sorted(v)[min(len(v) - 1, int(len(v) * a.percentile / 100))] for k, v in times.items()}
+                ms = {k: 1000 * v for k, v in time_steps(steps, tokens.device, a.repeats, a.percentile).items()}
                 flop = layer_flops(models["after"], "v2", T, window, delay) / layer_flops(models["gpt"], "gpt", T, window, delay)
                 ops = {k: aten_ops(models[k], tokens, delay, False) for k in ("before", "after")}
                 print(f"{name:<10} {'packed' if packed else 'single':<6} gpt {ms['gpt']:7.1f}  "

@@ -103,14 +103,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> None:
-    """One training step of the whole model (embedding, layers, output layer, loss)."""
-    model.zero_grad(set_to_none=True)
-    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=delay)
-    loss.float().mean().backward()
-
-
 def layer_step(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> Callable[[], None]:
     """A callable running forward + backward of ``model``'s decoder (its layers and final norm)
     on the inputs the model hands it for ``tokens``: what ``layer_flops`` counts. The embedding,
@@ -145,8 +137,10 @@ def layer_step(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: b
     return run
 
 
-def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median seconds of each step, interleaved so load changes hit all alike."""
+def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int,
+               percentile: float | None = None) -> dict[str, float]:
+    """Median seconds of each step (``percentile``: that percentile instead), interleaved so load
+    changes hit all alike."""
     for run in steps.values():  # warm-up (kernel selection, allocator, shape-constant masks)
         run()
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -157,7 +151,9 @@ def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, repea
             run()
             _sync(device)
             times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    if percentile is None:
+        return {k: statistics.median(v) for k, v in times.items()}
+    return {k: sorted(v)[min(len(v) - 1, int(len(v) * percentile / 100))] for k, v in times.items()}
 
 
 def time_models(models: dict[str, torch.nn.Module], tokens: torch.Tensor, delay: int, repeats: int,
