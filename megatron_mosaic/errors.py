@@ -18,7 +18,7 @@ USER_ERROR_CLASSES = frozenset({
     "megatron_mosaic.errors.UserError",
     "megatron_mosaic.data.corpus.DataError",
     "megatron_mosaic.data.tokenizers.TokenizerError",
-    "megatron_mosaic.training.arguments.ArgumentError",
+    "megatron_mosaic.training.argument_checks.ArgumentError",
     "megatron_mosaic.hf.megatron_checkpoint.CheckpointError",
     "megatron_mosaic.hf.conversion.ConversionError",
     "megatron_mosaic.model.official_v1.OfficialCheckpointError",
