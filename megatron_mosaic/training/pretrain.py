@@ -236,6 +236,12 @@ class Run:
         valid = build_data(long_args).valid
         return long_args, make_iterators(long_args, valid, 0, len(self.model), cycle=True)
 
+    @property
+    def output_dir(self) -> Optional[str]:
+        """Where the run's own files go: --tensorboard-dir, else --save; None when the user
+        asked for neither (an ad-hoc run must not litter the directory it was started in)."""
+        return self.args.tensorboard_dir or self.args.save or None
+
     def _per_position(self) -> dict[str, Any]:
         """Validation loss per token position, written as CSV + PNG; also the mean loss."""
         args, iterators = self._per_position_data()
@@ -246,9 +252,8 @@ class Run:
             self.reporter.validation(self.state.iteration, loss)
             self.last_validation = (self.state.iteration, loss)
         if self.rank == 0:
-            out_dir = args.tensorboard_dir or args.save or "."
             out["per_position_csv"], out["per_position_png"] = write_per_position_loss(
-                out_dir, per_position[0], per_position[1],
+                self.output_dir, per_position[0], per_position[1],
                 title=f"{args.model}: validation loss per position (iteration "
                       f"{self.state.iteration}, length {args.seq_length})")
         return out
@@ -259,7 +264,10 @@ class Run:
         summary: dict[str, Any] = {"iteration": self.state.iteration, "losses": self.losses,
                                    "consumed_samples": self.state.consumed_samples,
                                    "tokens_per_s": self.reporter.mean_tokens_per_s}
-        if self.data.valid is not None and args.per_position_eval_iters:
+        # Without an output directory the pass is skipped, not run for nothing: its only
+        # products are the files (validate() below gives the final loss either way).
+        per_position = self.data.valid is not None and args.per_position_eval_iters
+        if per_position and self.output_dir is not None:
             summary.update(self._per_position())
         if self.data.valid is not None and args.eval_iters:
             summary["valid_loss"] = self.validate()
@@ -278,6 +286,9 @@ class Run:
             if "per_position_png" in summary:
                 self.reporter.print(f" per-position loss:    "
                                     f"{os.path.abspath(summary['per_position_png'])} (+ .csv)")
+            elif per_position:
+                self.reporter.print(" per-position loss:    not written; with --tensorboard-dir DIR "
+                                    "it goes to DIR/per_position_loss.png (+ .csv)")
         self.reporter.close()
         self.obs.close()
         return summary

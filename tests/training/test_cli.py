@@ -20,10 +20,10 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
     """Run in its own process group so a hang cannot leave torchrun's workers behind."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=True)
+                            env=_env(), start_new_session=True, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -62,6 +62,17 @@ def test_torchrun_pipeline_parallel_run_reports_everything(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
             "validation/loss", "validation/perplexity"} <= tags, tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_a_run_without_output_directories_writes_nothing_where_it_starts(tmp_path):
+    argv = TINY + ["--model", "gpt", "--train-iters", "2", "--eval-iters", "1",
+                   "--per-position-eval-iters", "1"]
+    proc = _run([sys.executable, SCRIPT, *argv], timeout=120, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert os.listdir(tmp_path) == [], out[-3000:]
+    assert re.search(r"final \| iteration 2 \| validation loss [\d.]+", out), out[-3000:]
+    assert out.count("per-position loss:    not written; with --tensorboard-dir DIR") == 1, out[-3000:]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
