@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -59,8 +60,11 @@ def _once(backend: str, inputs, layout, rule, grad: bool) -> float:
     return time.perf_counter() - start
 
 
-def compare(device: torch.device, lengths: list[int], repeats: int, heads: int = 16, dim: int = 128) -> str:
-    """Print the table; return the faster backend for this device (sdpa without FlexAttention)."""
+def compare(device: torch.device, lengths: list[int], repeats: int, heads: int = 16, dim: int = 128,
+            out_of_time: Callable[[], bool] = lambda: False) -> str:
+    """Print the table; return the faster backend for this device (sdpa without FlexAttention).
+    Rows left when ``out_of_time()`` turns true are listed as skipped; the pick is then over the
+    rows that ran."""
     grad = flex_supported(device, needs_grad=True)
     if not flex_supported(device, needs_grad=False):
         print("    FlexAttention is not importable here: sdpa")
@@ -70,6 +74,9 @@ def compare(device: torch.device, lengths: list[int], repeats: int, heads: int =
     totals = {"sdpa": 0.0, "flex": 0.0}
     for T in lengths:
         for name, rule in RULES.items():
+            if out_of_time():
+                print(f"    {T:>6} {name:<20} SKIP (time budget spent)", flush=True)
+                continue
             inputs, layout = _inputs(T, heads, dim, device, grad)
             times: dict[str, list[float]] = {"sdpa": [], "flex": []}
             for backend in times:  # warm-up: compilation, block masks
@@ -81,6 +88,9 @@ def compare(device: torch.device, lengths: list[int], repeats: int, heads: int =
             for b in totals:
                 totals[b] += ms[b]
             print(f"    {T:>6} {name:<20} {ms['sdpa']:9.2f} {ms['flex']:9.2f} {ms['flex'] / ms['sdpa']:9.2f}", flush=True)
+    if not any(totals.values()):
+        print(f"    pick for {device.type}: none (no row ran)")
+        return "sdpa"
     pick = min(totals, key=totals.get) if grad else "sdpa"  # training needs the backward
     print(f"    pick for {device.type}: {pick}")
     return pick

@@ -15,6 +15,12 @@ In order, each printing PASS / FAIL / SKIP and its time:
    time and FLOP ratios to GPT; then the retrieval kernels (tools/bench_retrieval.py): sdpa vs
    FlexAttention on packed documents, and which one the device should default to.
 Exit status 1 when any check fails. Nothing is downloaded (mock data, no tokenizer).
+
+A time budget (``--budget-s``; 330 s by default on a GPU, none on the CPU) keeps one run inside
+a borrowed machine's minutes: once it is spent, the checks and benchmark rows not yet started
+print SKIP (time budget spent) instead of running, and the last line names them, so a run cut
+short still reports everything it did measure. tools/gpu_session.sh is the recipe that carries
+megatron-core to a GPU machine and runs this there.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +72,19 @@ def check_models(device: torch.device) -> None:
             print(f"    {kind}: packed documents, loss fp32 {losses['fp32']:.4f} bf16 {losses['bf16']:.4f}")
 
 
+class Budget:
+    """Seconds this run may still spend (None: no limit)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
 def _pretrain(workdir: str, extra: list[str], timeout: float) -> dict[int, float]:
     """Run pretrain_mosaic.py under torchrun (1 process); returns {iteration: loss}."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
@@ -76,15 +96,34 @@ def _pretrain(workdir: str, extra: list[str], timeout: float) -> dict[int, float
                "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "1", "--log-interval", "1",
                "--eval-iters", "0", "--per-position-eval-iters", "0", "--no-progress-bar", "--bf16"] + extra
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"pretrain_mosaic.py exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return {int(i): float(loss) for i, loss in LOSS.findall(done.stdout + done.stderr)}
+    # its own process group: a run cut short by the timeout takes torchrun's workers with it
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise AssertionError(f"pretrain_mosaic.py exited {proc.returncode}:\n{stderr[-3000:]}")
+    return {int(i): float(loss) for i, loss in LOSS.findall(stdout + stderr)}
 
 
-def check_training(device: torch.device, extra: list[str] = (), resume: bool = True) -> None:
+def check_training(device: torch.device, extra: list[str] = (), resume: bool = True,
+                   budget: Budget = Budget(None)) -> None:
+    def run(workdir: str, arguments: list[str]) -> dict[int, float]:  # 300 s at most, never past the budget
+        if budget.spent():
+            raise Skip("time budget spent")
+        try:
+            return _pretrain(workdir, arguments, min(300.0, budget.left()))
+        except subprocess.TimeoutExpired:
+            if budget.spent():
+                raise Skip("time budget spent during a run") from None
+            raise
+
     with tempfile.TemporaryDirectory() as workdir:
-        straight = _pretrain(workdir, ["--train-iters", "4"] + list(extra), 300)
+        straight = run(workdir, ["--train-iters", "4"] + list(extra))
         if sorted(straight) != [1, 2, 3, 4]:
             raise AssertionError(f"expected the losses of iterations 1-4, got {straight}")
         print("    losses " + " ".join(f"{straight[i]:.4f}" for i in sorted(straight)))
@@ -92,8 +131,8 @@ def check_training(device: torch.device, extra: list[str] = (), resume: bool = T
             return
         save = os.path.join(workdir, "ckpt")
         resumed = ["--train-iters", "4", "--save", save, "--load", save, "--exit-interval", "2"] + list(extra)
-        first = _pretrain(workdir, resumed, 300)
-        second = _pretrain(workdir, resumed, 300)
+        first = run(workdir, resumed)
+        second = run(workdir, resumed)
         if sorted(first) != [1, 2] or sorted(second) != [3, 4]:
             raise AssertionError(f"the resume ran iterations {sorted(first)} then {sorted(second)}, not 1-2, 3-4")
         got = {**first, **second}
@@ -101,47 +140,55 @@ def check_training(device: torch.device, extra: list[str] = (), resume: bool = T
             raise AssertionError(f"resumed losses {got} differ from the uninterrupted run's {straight}")
 
 
-def check_transformer_engine(device: torch.device) -> None:
+def check_transformer_engine(device: torch.device, budget: Budget) -> None:
     if device.type != "cuda" or importlib.util.find_spec("transformer_engine") is None:
         raise Skip("transformer_engine is not importable" if device.type == "cuda" else "needs CUDA")
     # FP8 GEMMs need dimensions divisible by 16: d and the FFN width are, and the memories' fused
     # projection (gate and decay included) is padded to it (model/fused_projection.py).
     sizes = ["--hidden-size", "256", "--num-attention-heads", "16", "--ffn-hidden-size", "768"]
-    check_training(device, sizes + ["--transformer-impl", "transformer_engine"], resume=False)
-    check_training(device, sizes + ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"], resume=False)
+    check_training(device, sizes + ["--transformer-impl", "transformer_engine"], resume=False, budget=budget)
+    check_training(device, sizes + ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"],
+                   resume=False, budget=budget)
 
 
-def check_benchmark(device: torch.device, lengths: list[int], repeats: int) -> None:
+def check_benchmark(device: torch.device, lengths: list[int], repeats: int, budget: Budget) -> None:
     from megatron_mosaic.training.initialize import single_rank_megatron
     from tools.layer_benchmark import print_device_table
 
     from tools.bench_retrieval import compare
 
     with single_rank_megatron(seed=0):
-        print_device_table(device, lengths, repeats)
+        print_device_table(device, lengths, repeats, budget.spent)
     gpu = device.type == "cuda"
-    compare(device, lengths, repeats, heads=16 if gpu else 4, dim=128 if gpu else 16)
+    compare(device, lengths, repeats, heads=16 if gpu else 4, dim=128 if gpu else 16, out_of_time=budget.spent)
 
 
 class Skip(Exception):
     """A check that does not apply here (says why)."""
 
 
-def run_checks(checks: list[tuple[str, Callable[[], None]]]) -> int:
-    failed = 0
+def run_checks(checks: list[tuple[str, Callable[[], None]]], budget: Budget = Budget(None)) -> int:
+    failed, unrun = 0, []
     for name, check in checks:
         start = time.perf_counter()
         print(f"[{name}]", flush=True)
         try:
+            if budget.spent():
+                raise Skip("time budget spent")
             check()
             status = "PASS"
         except Skip as why:
             status = f"SKIP ({why})"
+            if budget.spent():
+                unrun.append(name)
         except Exception as err:  # report and go on: one run shows every failure
             status = f"FAIL: {type(err).__name__}: {err}"
             failed += 1
         print(f"[{name}] {status} ({time.perf_counter() - start:.1f} s)", flush=True)
-    print(f"gpu_check: {'all checks passed' if not failed else f'{failed} check(s) failed'}")
+    verdict = f"{failed} check(s) failed" if failed else "all checks passed"
+    if unrun:
+        verdict += f"; not run for time: {' '.join(unrun)}"
+    print(f"gpu_check: {verdict}")
     return 1 if failed else 0
 
 
@@ -154,6 +201,9 @@ def main() -> int:
                         help="benchmark sequence lengths (default: 4096 16384 32768 on a GPU, 256 512 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="benchmark repeats (default: 5 GPU, 2 CPU)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["math", "models", "training", "te", "bench"])
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting checks and benchmark rows after this many seconds "
+                             "(default: 330 on a GPU, no limit on the CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -163,15 +213,18 @@ def main() -> int:
     gpu = device.type == "cuda"
     lengths = args.lengths or ([4096, 16384, 32768] if gpu else [256, 512])
     repeats = args.repeats or (5 if gpu else 2)
-    print(f"gpu_check on {torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}")
+    seconds = args.budget_s if args.budget_s is not None else (330.0 if gpu else None)
+    budget = Budget(seconds)
+    print(f"gpu_check on {torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}"
+          + (f", time budget {seconds:.0f} s" if seconds is not None else ""))
     checks = [
         ("math", lambda: check_memory_math(device)),
         ("models", lambda: check_models(device)),
-        ("training", lambda: check_training(device)),
-        ("te", lambda: check_transformer_engine(device)),
-        ("bench", lambda: check_benchmark(device, lengths, repeats)),
+        ("training", lambda: check_training(device, budget=budget)),
+        ("te", lambda: check_transformer_engine(device, budget)),
+        ("bench", lambda: check_benchmark(device, lengths, repeats, budget)),
     ]
-    return run_checks([(n, c) for n, c in checks if n not in args.skip])
+    return run_checks([(n, c) for n, c in checks if n not in args.skip], budget)
 
 
 if __name__ == "__main__":

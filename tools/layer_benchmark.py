@@ -200,8 +200,10 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def print_device_table(device: torch.device, lengths: list[int], repeats: int) -> None:
-    """tokens/s, peak memory, MFU and time/FLOP ratios to GPT, per length and document layout."""
+def print_device_table(device: torch.device, lengths: list[int], repeats: int,
+                       out_of_time: Callable[[], bool] = lambda: False) -> None:
+    """tokens/s, peak memory, MFU and time/FLOP ratios to GPT, per length and document layout;
+    the rows left when ``out_of_time()`` turns true are listed as skipped, not run."""
     shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
     bf16 = device.type == "cuda"
     peak = peak_flops(device)
@@ -213,6 +215,9 @@ def print_device_table(device: torch.device, lengths: list[int], repeats: int) -
           f"{'time/gpt':>9} {'flop/gpt':>9} {'ratio':>6} {'aten ops':>9}")
     for T in lengths:
         for packed in (False, True):
+            if out_of_time():
+                print(f"    {T:>6} {'packed' if packed else 'single':<7} SKIP (time budget spent)", flush=True)
+                continue
             tokens = tokens_for(1, T, packed).to(device)
             seconds = time_models(models, tokens, shape["delay"], repeats, bf16)
             flops = {k: layer_flops(m, k, T, shape["window"], shape["delay"]) for k, m in models.items()}
