@@ -44,6 +44,7 @@ CASES = {
                                             "--merge-file", "{root}/m.txt", "--repeat", "1", "--workers", "1"],
     "bench_memory: bad number": ["tools/bench_memory.py", "--lengths", "0"],
     "bench_layers: bad number": ["tools/bench_layers.py", "--repeats", "-1"],
+    "bench_regions: bad number": ["tools/bench_regions.py", "--repeats", "0"],
     "bench_training: one variant": ["tools/bench_training.py", "--variant", "alone="],
     "bench_context_parallel: length not divisible": ["tools/bench_context_parallel.py", "--lengths", "10", "--cp-sizes", "3"],
     "evaluate: damaged checkpoint": ["tools/evaluate.py", "--load", "{damaged}", "--task", "recall", "--seq-length", "32"],
