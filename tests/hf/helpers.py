@@ -6,8 +6,9 @@ import os
 
 from tests.hf.parallel_checkpoints import EOD
 
-# Any text will do to train toy tokenizers: this repository's own source.
-SPM_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "megatron_mosaic", "hf", "modeling_memory_mosaic.py")
+# The toy tokenizers' training text: a fixed file of the tests' own, so that editing the
+# project's sources never changes a test tokenizer (prose, numbers and code-like lines).
+SPM_TEXT = os.path.join(os.path.dirname(__file__), "tokenizer_corpus.txt")
 
 
 def train_tiny_sentencepiece(prefix: str) -> str:
