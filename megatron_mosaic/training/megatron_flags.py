@@ -3,8 +3,8 @@ identical, refused by name (one line saying why) where it is not.
 
 A Megatron-LM launch script can then swap ``pretrain_gpt.py`` for ``pretrain_mosaic.py`` and get
 either the same run or one clear error, never ``unrecognized arguments``. The flags with a real
-implementation live in ``arguments.py``; the full table is ``docs/megatron_lm_flags.md``.
-Stdlib only: parsed before torch is imported.
+implementation are defined in ``argument_parser.py`` and checked in ``argument_checks.py``; the
+full table is ``docs/megatron_lm_flags.md``. Stdlib only: parsed before torch is imported.
 """
 
 from __future__ import annotations
