@@ -1,7 +1,7 @@
 """Hugging Face side of megatron_mosaic: configuration, modeling with a decoding cache, conversion.
 
 The ``*_memory_mosaic`` model code files (configuration, cache, memories, layers, modeling; see
-export.MODEL_CODE_FILES) need only torch, transformers and megatron_mosaic/memory/, and are
+export_files.MODEL_CODE_FILES) need only torch, transformers and megatron_mosaic/memory/, and are
 copied into every exported model directory with that memory math.
 """
 

@@ -23,7 +23,8 @@ from .conversion import (
     hf_to_mosaic,
     llama_to_gpt,
 )
-from .export import ARGS_FILE, staged_directory
+from .export import ARGS_FILE
+from .export_files import staged_directory
 
 SUPPORTED_MODEL_TYPES = ("memory_mosaic", "llama")
 

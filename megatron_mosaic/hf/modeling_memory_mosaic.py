@@ -42,7 +42,7 @@ except ModuleNotFoundError as error:  # inside the package: megatron_mosaic/hf/ 
 else:
     # Unused here, imported for the loader: transformers 5.0 copies only the modeling file's
     # direct relative imports into its module cache, and memories_memory_mosaic.py, scan.py and
-    # retrieval.py import these (export.memory_code_files refuses an export that would miss one).
+    # retrieval.py import these (export_files.memory_code_files refuses an export that would miss one).
     from .bandwidth import adaptive_bandwidth  # noqa: F401
     from .features import leaky_keys  # noqa: F401
     from .flex import flex_recall  # noqa: F401
