@@ -9,9 +9,10 @@
 # matplotlib) built for that machine's Python (GPU_PYTHON, default 3.12) and x86-64 Linux, into
 # .whl/, which it adds to .git/info/exclude so that it travels only when carried. --print shows
 # the pip command instead of running it.
-# run installs those wheels into /tmp/site without touching the image's packages, then runs
-# gpu_check.py with ARGS (unbuffered) and writes its whole output to $OUT/gpu_check.log as well
-# (the current directory without $OUT). Its exit status is gpu_check's.
+# run installs the wheels in GPU_WHEELS (default .whl) into /tmp/site without touching the
+# image's packages, then runs gpu_check.py with ARGS (unbuffered) and writes its whole output
+# to $OUT/gpu_check.log as well (the current directory without $OUT). Its exit status is
+# gpu_check's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,9 +40,10 @@ case "$step" in
     ;;
   run)
     python=${PYTHON:-python3}
-    if compgen -G ".whl/*.whl" > /dev/null; then
+    wheels=${GPU_WHEELS:-.whl}
+    if compgen -G "$wheels/*.whl" > /dev/null; then
       "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
+        --target /tmp/site "$wheels"/*.whl
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     log=${OUT:-.}/gpu_check.log

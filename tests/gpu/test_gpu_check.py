@@ -79,7 +79,8 @@ def test_session_fetch_names_the_locked_megatron_core_for_the_gpu_python():
 
 
 def test_session_run_logs_gpu_check_into_out(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    # no wheels to install here (a .whl/ fetched in this checkout is for the GPU machine's Python)
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_WHEELS=str(tmp_path / "none"))
     done = subprocess.run(["bash", SESSION, "run", "--device", "cpu", "--budget-s", "0"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
