@@ -2,7 +2,9 @@
 
 - ``context_parallel``: load-balanced split of a batch and its ``SequenceLayout`` (rank r holds
   chunks r and 2cp−1−r), the inverse gather, and the full-sequence loss mean.
-- ``cp_recall``: ring retrieval with log-sum-exp merging and a ring backward.
+- ``cp_recall``: ring retrieval with log-sum-exp merging and a ring backward; what each rank's
+  key segments and query tiles are in ``cp_recall_plan``, one tile against one segment in
+  ``cp_recall_blocks``.
 - ``cp_recurrence``: key recurrences across ranks by a prefix combine of chunk summaries.
 - ``cp_peek``: the value peek across chunk boundaries.
 - ``dispatch``: drop-in versions of the ``memory`` functions that switch to the above when the
