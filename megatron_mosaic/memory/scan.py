@@ -216,10 +216,16 @@ def linear_recurrence(
                 f"(B, H, 1), got {tuple(initial_state.value.shape)} and {tuple(initial_state.log_scale.shape)}"
             )
         init = (initial_state.value.to(torch.float32), initial_state.log_scale.to(torch.float32))
+    use_compiled = inputs.is_cuda if compiled is None else compiled
     if resets is not None:
         resets = resets.to(torch.bool)
+    elif use_compiled:
+        # One compiled graph for micro-batches with and without document starts (no resets is
+        # an all-False mask, the same values): a second graph would stall training for another
+        # compilation, tens of seconds, the first time a micro-batch holds a single document.
+        resets = torch.zeros(B, T, dtype=torch.bool, device=inputs.device)
     with fp32_region(inputs.device):  # exp'd log weights keep their bits under autocast too
-        core = compiled_core() if (inputs.is_cuda if compiled is None else compiled) else _scan_fp32
+        core = compiled_core() if use_compiled else _scan_fp32
         scaled, log_scale = core(inputs.to(torch.float32), a, g, resets, init, chunk_size)
     final = RecurrenceState(scaled[:, :, -1], log_scale[:, :, -1])
     return scaled.to(inputs.dtype), log_scale, final

@@ -38,3 +38,26 @@ def test_compiled_scan_matches_chunked_and_float64():
     assert_close(h_comp, h64, atol=1e-4, what="compiled vs float64 h")
     for name, gc, gs in zip(["x", "log_decay", "log_gain"], g_comp, grads(h64, leaves64, upstream)):
         assert_close(gc, gs, rtol=1e-4, atol=1e-4, what=f"compiled vs float64 grad {name}")
+
+
+def test_one_compiled_graph_with_and_without_document_starts(monkeypatch):
+    """A micro-batch without document starts (resets None) runs the graph compiled for packed
+    ones: one compilation, not one per kind of micro-batch, and the eager chunked values."""
+    from torch._dynamo.testing import CompileCounter
+
+    from megatron_mosaic.memory import scan
+
+    counter = CompileCounter()  # counts the graphs compiled; runs them eagerly (fast)
+    monkeypatch.setattr(scan, "_COMPILED_CORE", torch.compile(scan._scan_fp32, backend=counter))
+    gen = torch.Generator().manual_seed(3)
+    B, H, T, D = 2, 3, 12, 4
+    x = torch.randn(B, H, T, D, generator=gen)
+    a = -torch.rand(B, H, T, 1, generator=gen)
+    g = torch.randn(B, H, T, 1, generator=gen)
+    resets = random_layout(B, T, 0.2, gen).resets
+    for r in (resets, None):
+        compiled = linear_recurrence(x, a, g, resets=r, chunk_size=4, compiled=True)
+        eager = linear_recurrence(x, a, g, resets=r, chunk_size=4, compiled=False)
+        for c, e in zip(compiled[:2], eager[:2]):
+            assert torch.equal(c, e)
+    assert counter.frame_count == 1
