@@ -25,7 +25,7 @@ USER_ERROR_CLASSES = frozenset({
     "megatron_mosaic.evaluation.vocab.VocabError",
     "megatron_mosaic.evaluation.documents.DocumentFormatError",
     "megatron_mosaic.training.loop.TrainingDivergedError",
-    "megatron_mosaic.training.checkpointing.CheckpointMismatchError",
+    "megatron_mosaic.training.checkpoint_state.CheckpointMismatchError",
 })
 
 # OS errors about a path the user named or the disk it is on (not about the program).

@@ -40,7 +40,8 @@ def load_megatron_for_cp(path: str, vocab_size: Optional[int] = None,
     """The checkpoint's Megatron model at TP=PP=1 in the current CP group, scoring by its CP path."""
     from megatron_mosaic.hf.export import build_hf_tokenizer
     from megatron_mosaic.training.arguments import args_from_dict
-    from megatron_mosaic.training.checkpointing import load_checkpoint, read_checkpoint_args
+    from megatron_mosaic.training.checkpoint_state import read_checkpoint_args
+    from megatron_mosaic.training.checkpointing import load_checkpoint
     from megatron_mosaic.training.model_builder import build_model
 
     saved = read_checkpoint_args(path)

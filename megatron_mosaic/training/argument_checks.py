@@ -186,7 +186,7 @@ CHECKPOINT_MODEL_ARGS = (
 
 def _use_checkpoint_args(args: argparse.Namespace) -> None:
     _check(args.load is not None, "--use-checkpoint-args needs --load")
-    from megatron_mosaic.training.checkpointing import read_checkpoint_args
+    from megatron_mosaic.training.checkpoint_state import read_checkpoint_args
 
     try:
         saved = read_checkpoint_args(args.load)

@@ -18,6 +18,9 @@ layout (RNG states are restored only when TP, PP and DP x CP match).
 A save goes to ``iter_N.partial`` and is renamed to ``iter_N`` when every rank has finished;
 only then is the tracker file replaced. A crash at any point leaves the previous checkpoint
 as the one ``load_checkpoint`` finds.
+
+What a checkpoint is made of (tracker, model and RNG state, the checks a load makes) is in
+``checkpoint_state``; this module holds the save and load flow and re-exports those names.
 """
 
 from __future__ import annotations
@@ -25,15 +28,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import shutil
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_mosaic.training.checkpoint_safety import (
     CheckpointSaveError,
@@ -45,57 +45,27 @@ from megatron_mosaic.training.checkpoint_safety import (
     free_bytes,
     save_failed_message,
 )
-from megatron_mosaic.training.model_kinds import KINDS
+from megatron_mosaic.training.checkpoint_state import (  # noqa: F401  (re-exported: importers and tests name them here)
+    ARCHITECTURE_ARGS,
+    CHECKPOINT_VERSION,
+    TRACKER_FILENAME,
+    CheckpointMismatchError,
+    _check_optimizer_format,
+    _model_part,
+    _model_sharded_state_dict,
+    _resolve,
+    _rng_sharded_object,
+    _scheduler_state,
+    _set_local_rng_state,
+    _unwrap,
+    _write_tracker,
+    check_checkpoint_matches,
+    checkpoint_dir,
+    read_checkpoint_args,
+    read_tracker,
+)
 
 logger = logging.getLogger(__name__)
-
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-# 2: the learning-rate scheduler is saved as "opt_param_scheduler" (Megatron-LM's key) and counts
-# samples as Megatron-LM's does; 1 saved it as "scheduler", counting iterations (still loads).
-CHECKPOINT_VERSION = 2
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str) -> Optional[int]:
-    """Iteration named by ``root``'s tracker file, or None when there is no checkpoint."""
-    path = os.path.join(root, TRACKER_FILENAME)
-    if not os.path.isfile(path):
-        return None
-    text = open(path, encoding="utf-8").read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{path}: expected an iteration number, found {text!r}") from None
-
-
-def _resolve(load_dir: str) -> Optional[str]:
-    """The iteration directory to load: via the tracker, or ``load_dir`` itself if it is one."""
-    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
-        return load_dir
-    iteration = read_tracker(load_dir)
-    if iteration is None:
-        return None
-    path = checkpoint_dir(load_dir, iteration)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{os.path.join(load_dir, TRACKER_FILENAME)} names iteration "
-                                f"{iteration} but {path} does not exist")
-    return path
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):  # Megatron DDP / Float16Module wrappers
-        chunk = chunk.module
-    return chunk
-
-
-def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    chunks = [_unwrap(c) for c in model_chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _finish_param_gather(model_chunks: Sequence[torch.nn.Module]) -> None:
@@ -106,54 +76,7 @@ def _finish_param_gather(model_chunks: Sequence[torch.nn.Module]) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _model_part(sharded: dict[str, Any]) -> dict[str, Any]:
-    # Kept nested: virtual-pipeline chunks reuse local dict keys ("decoder.layers.0...").
-    return {k: v for k, v in sharded.items() if k.startswith("model")}
-
-
-# ---- RNG --------------------------------------------------------------------------------------
-def _local_rng_state() -> dict[str, Any]:
-    state = {"random": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return state
-
-
-def _set_local_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_sharded_object(for_loading: bool = False) -> ShardedObject:
-    """One object per (PP, TP) position holding the states of all its DP x CP replicas."""
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    states: list[Any] = [None] * dist.get_world_size(group)
-    if not for_loading:
-        dist.all_gather_object(states, _local_rng_state(), group=group)
-    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
-             parallel_state.get_tensor_model_parallel_world_size())
-    offset = (parallel_state.get_pipeline_model_parallel_rank(),
-              parallel_state.get_tensor_model_parallel_rank())
-    return ShardedObject("rng_state", states, shape, offset,
-                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
-
-
 # ---- save -------------------------------------------------------------------------------------
-def _write_tracker(root: str, iteration: int) -> None:
-    tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER_FILENAME))
-
-
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer: Any = None, scheduler: Any = None, *, args: dict[str, Any],
                     consumed_samples: int = 0, save_rng: bool = True,
@@ -265,14 +188,6 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def read_checkpoint_args(load_dir: str) -> dict[str, Any]:
-    """The run arguments stored in the latest checkpoint of ``load_dir`` (no model needed)."""
-    path = _resolve(load_dir)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {load_dir} (missing {TRACKER_FILENAME})")
-    return dict(dist_checkpointing.load_common_state_dict(path)["args"])
-
-
 def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer: Any = None,
                     scheduler: Any = None, *, load_rng: bool = True) -> dict[str, Any]:
     """Load the latest checkpoint of ``load_dir`` into the given objects (collective call).
@@ -321,56 +236,3 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
         _set_local_rng_state(loaded["rng_state"][rank])
     return {"iteration": int(common["iteration"]),
             "consumed_samples": int(common.get("consumed_samples", 0)), "args": dict(saved_args)}
-
-
-# Checkpoints written before megatron-core's optimizer (a torch AdamW) name no format.
-_OPTIMIZER_NAMES = {"mosaic-adamw": "the torch AdamW of earlier versions",
-                    "megatron": "Megatron's optimizer without --use-distributed-optimizer"}
-
-
-def _check_optimizer_format(path: str, common: dict[str, Any], optimizer: Any) -> str:
-    """The saved optimizer's format, if ``optimizer`` loads it (it names those it can load)."""
-    saved, wanted = common.get("optimizer_format", "mosaic-adamw"), optimizer.format
-    if saved not in optimizer.loads_formats:
-        name = lambda f: _OPTIMIZER_NAMES.get(f, f"Megatron's optimizer with "
-                                                 f"--use-distributed-optimizer ({f})")
-        raise CheckpointMismatchError(
-            f"--load {path}: its optimizer state was saved by {name(saved)} and this run uses "
-            f"{name(wanted)}; pass --no-load-optim to load the weights with a fresh optimizer")
-    return saved
-
-
-def _scheduler_state(common: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The scheduler's state in samples; version-1 checkpoints counted iterations."""
-    if "opt_param_scheduler" in common:
-        return common["opt_param_scheduler"]
-    if "scheduler" not in common:
-        return None
-    state = dict(common["scheduler"])
-    batch = int(common["args"]["global_batch_size"])
-    for key in ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps"):
-        state[key] = state[key] * batch
-    return state
-
-
-class CheckpointMismatchError(ValueError):
-    """--load names a checkpoint of a differently shaped model (the message names the arguments)."""
-
-
-# Arguments that fix the shapes of the saved tensors: a checkpoint only loads if they agree.
-# Fields a model does not use (v1 has no SwiGLU, v2 and gpt no persistent-memory slots) are not compared.
-_COMMON_ARCHITECTURE_ARGS = ("model", "num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
-ARCHITECTURE_ARGS = {name: _COMMON_ARCHITECTURE_ARGS + kind.shape_args for name, kind in KINDS.items()}
-
-
-def check_checkpoint_matches(args: Any) -> None:
-    """Fail early, naming the arguments, when --load holds a differently shaped model."""
-    try:
-        saved = read_checkpoint_args(args.load)
-    except FileNotFoundError:
-        return  # nothing saved yet: a fresh run that will save there
-    diffs = [f"--{k.replace('_', '-')} {saved[k]} (checkpoint) vs {getattr(args, k)} (now)"
-             for k in ARCHITECTURE_ARGS[args.model] if k in saved and saved[k] != getattr(args, k)]
-    if diffs:
-        raise CheckpointMismatchError(f"--load {args.load}: the checkpoint's model differs: "
-                                      + "; ".join(diffs))

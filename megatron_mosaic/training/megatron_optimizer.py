@@ -277,7 +277,7 @@ def _replace_key(sharded: Any, old_prefix: str, new_prefix: str) -> Any:
 def _saved_step(state_dict: dict, saved_format: str) -> float:
     """The Adam step of a checkpoint: the distributed optimizer keeps it in its param groups,
     the plain one as ``common_step`` in its state (absent before the first step)."""
-    from megatron_mosaic.training.checkpointing import CheckpointMismatchError  # one-line error
+    from megatron_mosaic.training.checkpoint_state import CheckpointMismatchError  # one-line error
 
     try:
         if saved_format == _DISTRIBUTED_FORMAT:

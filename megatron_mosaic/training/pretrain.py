@@ -18,12 +18,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch.distributed as dist
 
 from megatron_mosaic.training.arguments import args_to_dict, parse_args, tokens_per_iteration
-from megatron_mosaic.training.checkpointing import (
-    CheckpointMismatchError,
-    check_checkpoint_matches,
-    load_checkpoint,
-    save_checkpoint,
-)
+from megatron_mosaic.training.checkpoint_state import CheckpointMismatchError, check_checkpoint_matches
+from megatron_mosaic.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_mosaic.training.data import build_data, make_iterators
 from megatron_mosaic.training.checkpoint_safety import (
     check_save_dir,
