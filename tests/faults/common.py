@@ -76,9 +76,15 @@ def run_distributed_bounded(fn, world_size: int, *args, timeout: float = 300):
     rank processes are killed."""
     import signal as _signal
 
+    import multiprocessing.forkserver
+
     from megatron_mosaic.training.process_guard import children
     from tests.distributed import run_distributed
 
+    # The fork server the ranks start from outlives this run and serves later tests: started
+    # first, it is not one of the children this run leaves behind (killed, it would leave every
+    # later test unable to start its ranks).
+    multiprocessing.forkserver.ensure_running()
     before = set(children())
 
     def expire(signum, frame):
