@@ -7,13 +7,16 @@ In order, each printing PASS / FAIL / SKIP and its time:
 1. memory math (scan, value peek, retrieval under every visibility rule, packed documents) on
    the device in fp32 and under bf16 autocast, against the float64 loop references (CPU);
 2. v1, v2 and GPT forward + backward on the device, fp32 and bf16: finite, bf16 close to fp32;
-3. a short bf16 ``pretrain_mosaic.py`` run under torchrun (NCCL on a GPU, gloo on the CPU) that
-   saves, exits, and resumes: the resumed losses must equal the uninterrupted run's;
-4. ``--transformer-impl transformer_engine`` and ``--fp8-format hybrid`` runs, when
-   transformer_engine is importable (SKIP otherwise);
-5. the layer benchmark (tools/layer_benchmark.py) at the --lengths: tokens/s, peak memory, MFU,
+3. the layer benchmark (tools/layer_benchmark.py) at the --lengths: tokens/s, peak memory, MFU,
    time and FLOP ratios to GPT; then the retrieval kernels (tools/bench_retrieval.py): sdpa vs
-   FlexAttention on packed documents, and which one the device should default to.
+   FlexAttention on packed documents, and which one the device should default to;
+4. a short bf16 ``pretrain_mosaic.py`` run under torchrun (NCCL on a GPU, gloo on the CPU) that
+   saves, exits, and resumes: the resumed losses must equal the uninterrupted run's;
+5. ``--transformer-impl transformer_engine`` and ``--fp8-format hybrid`` runs, when
+   transformer_engine is importable (SKIP otherwise).
+The figures come before the training runs: on a GPU every new graph compiles first (the scan,
+each FlexAttention rule), which can take minutes of a short loan, and the figures are what the
+README needs from it; the kernels they time are checked against the references first.
 Exit status 1 when any check fails. Nothing is downloaded (mock data, no tokenizer).
 
 A time budget (``--budget-s``; 330 s by default on a GPU, none on the CPU) keeps one run inside
@@ -200,7 +203,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="benchmark sequence lengths (default: 4096 16384 32768 on a GPU, 256 512 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="benchmark repeats (default: 5 GPU, 2 CPU)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["math", "models", "training", "te", "bench"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["math", "models", "bench", "training", "te"])
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting checks and benchmark rows after this many seconds "
                              "(default: 330 on a GPU, no limit on the CPU)")
@@ -220,9 +223,9 @@ def main() -> int:
     checks = [
         ("math", lambda: check_memory_math(device)),
         ("models", lambda: check_models(device)),
+        ("bench", lambda: check_benchmark(device, lengths, repeats, budget)),
         ("training", lambda: check_training(device, budget=budget)),
         ("te", lambda: check_transformer_engine(device, budget)),
-        ("bench", lambda: check_benchmark(device, lengths, repeats, budget)),
     ]
     return run_checks([(n, c) for n, c in checks if n not in args.skip], budget)
 
