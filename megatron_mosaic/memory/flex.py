@@ -41,15 +41,23 @@ def _kernel(device_type: str):
 
 
 def rule_mask(query_layout: SequenceLayout, key_layout: SequenceLayout, delay: int, window: int | None):
-    """The visibility rule as a FlexAttention ``mask_mod`` (b, h, q, k) -> bool."""
+    """The visibility rule as a FlexAttention ``mask_mod`` (b, h, q, k) -> bool.
+
+    The delay and window are captured as tensors, not Python ints: torch.compile treats a
+    captured int as a constant of the graph, so every new value (v2 draws the long-term delay
+    anew each step) would compile the block mask and the kernel again, and past the recompile
+    limit fall back to eager FlexAttention at dense cost. Tensors are inputs: one graph serves
+    every delay (tests/memory/test_flex.py counts them)."""
     q_pos, q_doc = query_layout.positions, query_layout.doc_starts
     k_pos, k_doc = key_layout.positions, key_layout.doc_starts
+    delay_t = torch.tensor(delay, dtype=q_pos.dtype, device=q_pos.device)
+    window_t = None if window is None else torch.tensor(window, dtype=q_pos.dtype, device=q_pos.device)
 
     def mask_mod(b, h, q, k):
         t, i = q_pos[b, q], k_pos[b, k]
-        visible = (q_doc[b, q] == k_doc[b, k]) & (i <= t - delay)
-        if window is not None:
-            visible = visible & (i > t - window)
+        visible = (q_doc[b, q] == k_doc[b, k]) & (i <= t - delay_t)
+        if window_t is not None:
+            visible = visible & (i > t - window_t)
         return visible
 
     return mask_mod

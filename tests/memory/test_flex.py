@@ -67,3 +67,29 @@ def test_backend_choice():
     # ... and the default there is sdpa, which trains.
     associative_recall(q, q, q, Visibility(1), layout, layout).sum().backward()
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("window", [None, 32])
+def test_one_compiled_graph_for_every_delay(window):
+    """v2 draws its long-term delay anew each step: compiled (as on CUDA), neither the block
+    mask nor the kernel may compile again for a new delay (a captured Python int would be a
+    constant of the graph: a compilation per value, then eager FlexAttention at dense cost)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from megatron_mosaic.memory.flex import BLOCK, rule_mask
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    layout = random_layout(1, 256, 0.01, gen)
+    q, k, v = (torch.randn(1, H, 256, D, generator=gen) for _ in range(3))
+    mask_graphs, kernel_graphs = CompileCounter(), CompileCounter()  # count graphs, run them eagerly
+    build = torch.compile(create_block_mask, backend=mask_graphs, dynamic=False)
+    kernel = torch.compile(flex_attention, backend=kernel_graphs, dynamic=False)
+    for delay in (3, 5, 9):
+        mask = build(rule_mask(layout, layout, delay, window), 1, None, 256, 256, device="cpu", BLOCK_SIZE=BLOCK)
+        y, _ = kernel(q, k, v, block_mask=mask, scale=1.0, return_lse=True)
+        want = ref.recall(q.double(), k.double(), v.double(), ref.visibility_mask(
+            delay, window, layout.positions, layout.doc_starts, layout.positions, layout.doc_starts))[0]
+        assert_close(y, want, atol=1e-5, what=f"compiled flex, delay {delay}")
+    assert (mask_graphs.frame_count, kernel_graphs.frame_count) == (1, 1)
