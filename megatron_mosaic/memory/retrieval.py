@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .flex import flex_recall, flex_supported
+from .flex import BLOCK as FLEX_BLOCK, flex_recall, flex_supported
 from .layout import SequenceLayout
 from .precision import fp32_region, upcast
 from .runs import banded_documents, consecutive_recall, shifted_recall
@@ -133,7 +133,8 @@ def associative_recall(
     explicit fp32 (Tq, Tk) score block (meant for context-parallel blocks); the output keeps the
     queries' dtype.
     backend: "flex" or "sdpa" for every case but the plain shift (None: RECALL_BACKEND of the
-    device, sdpa where FlexAttention cannot run the call, e.g. a CPU backward).
+    device, sdpa where FlexAttention cannot run the call, e.g. a CPU backward, and for fewer
+    queries than one of its blocks, e.g. a decoding step).
     fp32_scores: False leaves the kernels to autocast, as a transformer's attention (the GPT
     baseline's: scores scaled by 1/√d stay small); memories keep the default.
     """
@@ -179,7 +180,11 @@ def _use_flex(backend: str | None, *tensors: Tensor) -> bool:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     supported = flex_supported(device, needs_grad)
     if backend is None:
-        return RECALL_BACKEND.get(device.type, "sdpa") == "flex" and supported
+        # Fewer queries than one FlexAttention block (a decoding step: one query against the
+        # cache) leave no block to skip, and each new key length would compile another kernel
+        # (its shapes are static): there the explicit (Tq, Tk) mask is small.
+        auto = RECALL_BACKEND.get(device.type, "sdpa") == "flex"
+        return auto and supported and tensors[0].shape[2] >= FLEX_BLOCK
     if backend not in ("flex", "sdpa"):
         raise ValueError(f"associative_recall: backend must be 'flex', 'sdpa' or None, got {backend!r}")
     if backend == "flex" and not supported:

@@ -93,3 +93,27 @@ def test_one_compiled_graph_for_every_delay(window):
             delay, window, layout.positions, layout.doc_starts, layout.positions, layout.doc_starts))[0]
         assert_close(y, want, atol=1e-5, what=f"compiled flex, delay {delay}")
     assert (mask_graphs.frame_count, kernel_graphs.frame_count) == (1, 1)
+
+
+def test_fewer_queries_than_a_block_take_sdpa_where_flex_is_the_default(monkeypatch):
+    """Where FlexAttention is the default (CUDA; here the CPU is made to pretend, forward only),
+    a decoding step (one query against the cache) takes sdpa's small explicit mask: it has no
+    block to skip, and each new key length would compile another static-shape kernel. A full
+    block of queries still goes to FlexAttention. Both match the float64 reference."""
+    from megatron_mosaic.memory import retrieval
+
+    calls = []
+    flex_recall = retrieval.flex_recall
+    monkeypatch.setitem(retrieval.RECALL_BACKEND, "cpu", "flex")
+    monkeypatch.setattr(retrieval, "flex_recall", lambda *a, **k: calls.append(a[0].shape[2]) or flex_recall(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    full = random_layout(1, 300, 0.01, gen)
+    k, v = torch.randn(1, H, 300, D, generator=gen), torch.randn(1, H, 300, D, generator=gen)
+    rule = Visibility(delay=2)
+    for Tq in (1, 160):
+        queries = full.index_select(torch.arange(300 - Tq, 300))
+        q = torch.randn(1, H, Tq, D, generator=gen)
+        y = associative_recall(q, k, v, rule, queries, full)
+        mask = ref.visibility_mask(2, None, queries.positions, queries.doc_starts, full.positions, full.doc_starts)
+        assert_close(y, ref.recall(q.double(), k.double(), v.double(), mask)[0], atol=1e-5, what=f"Tq={Tq}")
+    assert calls == [160]
