@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_mosaic.training.initialize import device
 from megatron_mosaic.training.model_kinds import kind_of
 from megatron_mosaic.training.optimizer import counts_toward_norm
 
@@ -38,7 +39,8 @@ def matmul_weights(model_chunks: Sequence[torch.nn.Module], tied_output: int = 0
         for name, param in logical_tensors(chunk, dict(chunk.named_parameters())).items():
             if param.ndim >= 2 and "word_embeddings" not in name and counts_toward_norm(param):
                 local += param.numel()
-    total = torch.tensor(float(local), dtype=torch.float64)
+    # on the compute device: NCCL reduces CUDA tensors only
+    total = torch.tensor(float(local), dtype=torch.float64, device=device())
     if dist.is_initialized():
         dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return int(total.item()) + tied_output

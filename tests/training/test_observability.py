@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.distributed import run_distributed
 from tests.training.common import TINY
@@ -135,3 +136,33 @@ def test_wandb_offline_run_is_recorded(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*", "run-*.wandb"))
+
+
+class _Reduced(Exception):
+    pass
+
+
+def _weights_reduced_on(rank: int, world_size: int) -> str:
+    """The device of the tensor matmul_weights hands its all-reduce, with the compute device
+    made ``meta`` (NCCL on a GPU reduces CUDA tensors only: a CPU tensor there is an error)."""
+    from megatron_mosaic.training import flops
+
+    tensors = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        tensors.append(tensor)
+        raise _Reduced
+
+    original_device, original_reduce = flops.device, flops.dist.all_reduce
+    flops.device, flops.dist.all_reduce = (lambda: torch.device("meta")), all_reduce
+    try:
+        _gpt_weights(rank, world_size)
+    except _Reduced:
+        pass
+    finally:
+        flops.device, flops.dist.all_reduce = original_device, original_reduce
+    return str(tensors[0].device) if tensors else "no all-reduce"
+
+
+def test_matmul_weights_reduce_on_the_compute_device():
+    assert run_distributed(_weights_reduced_on, 1) == ["meta"]
