@@ -50,8 +50,9 @@ def rule_mask(query_layout: SequenceLayout, key_layout: SequenceLayout, delay: i
     every delay (tests/memory/test_flex.py counts them)."""
     q_pos, q_doc = query_layout.positions, query_layout.doc_starts
     k_pos, k_doc = key_layout.positions, key_layout.doc_starts
-    delay_t = torch.tensor(delay, dtype=q_pos.dtype, device=q_pos.device)
-    window_t = None if window is None else torch.tensor(window, dtype=q_pos.dtype, device=q_pos.device)
+    # new_full: a fill kernel on the device (torch.tensor would copy from the host and wait)
+    delay_t = q_pos.new_full((), delay)
+    window_t = None if window is None else q_pos.new_full((), window)
 
     def mask_mod(b, h, q, k):
         t, i = q_pos[b, q], k_pos[b, k]
