@@ -7,6 +7,8 @@ In order, each printing PASS / FAIL / SKIP and its time:
 1. memory math (scan, value peek, retrieval under every visibility rule, packed documents) on
    the device in fp32 and under bf16 autocast, against the float64 loop references (CPU);
 2. v1, v2 and GPT forward + backward on the device, fp32 and bf16: finite, bf16 close to fp32;
+   then v2 steps with a new long-term delay each, packed and single documents: no graph
+   compiled after the first step of each kind (on CUDA the scan and FlexAttention compile);
 3. the layer benchmark (tools/layer_benchmark.py) at the --lengths: tokens/s, peak memory, MFU,
    time and FLOP ratios to GPT; then the retrieval kernels (tools/bench_retrieval.py): sdpa vs
    FlexAttention on packed documents, and which one the device should default to;
@@ -50,42 +52,6 @@ def check_memory_math(device: torch.device) -> None:
 
     for dtype in (torch.float32, torch.bfloat16):
         check_all(device, dtype)
-
-
-def check_models(device: torch.device) -> None:
-    from megatron_mosaic.training.initialize import single_rank_megatron
-    from tools.layer_benchmark import build, tokens_for
-
-    with single_rank_megatron(seed=0):
-        for kind in ("gpt", "v1", "v2"):
-            model = build(kind, 64, 4, 16, 8).to(device)
-            tokens = tokens_for(2, 128, packed=True).to(device)
-            losses = {}
-            for name, bf16 in (("fp32", False), ("bf16", True)):
-                model.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=8).float().mean()
-                loss.backward()
-                grads = [p.grad for p in model.parameters() if p.requires_grad]
-                if not torch.isfinite(loss) or any(g is None or not torch.isfinite(g).all() for g in grads):
-                    raise AssertionError(f"{kind} {name}: non-finite loss or gradient")
-                losses[name] = loss.item()
-            if abs(losses["bf16"] - losses["fp32"]) > 0.02 * losses["fp32"]:
-                raise AssertionError(f"{kind}: bf16 loss {losses['bf16']:.4f} vs fp32 {losses['fp32']:.4f}")
-            print(f"    {kind}: packed documents, loss fp32 {losses['fp32']:.4f} bf16 {losses['bf16']:.4f}")
-
-
-class Budget:
-    """Seconds this run may still spend (None: no limit)."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.end = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> float:
-        return float("inf") if self.end is None else self.end - time.monotonic()
-
-    def spent(self) -> bool:
-        return self.left() <= 0
 
 
 def _pretrain(workdir: str, extra: list[str], timeout: float) -> dict[int, float]:
@@ -196,6 +162,8 @@ def run_checks(checks: list[tuple[str, Callable[[], None]]], budget: Budget = Bu
 
 
 def main() -> int:
+    from tools.gpu_check_models import check_models, check_no_recompiles
+
     default = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -203,7 +171,8 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="benchmark sequence lengths (default: 4096 16384 32768 on a GPU, 256 512 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="benchmark repeats (default: 5 GPU, 2 CPU)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["math", "models", "bench", "training", "te"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["math", "models", "recompiles", "bench", "training", "te"])
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting checks and benchmark rows after this many seconds "
                              "(default: 330 on a GPU, no limit on the CPU)")
@@ -223,6 +192,7 @@ def main() -> int:
     checks = [
         ("math", lambda: check_memory_math(device)),
         ("models", lambda: check_models(device)),
+        ("recompiles", lambda: check_no_recompiles(device)),
         ("bench", lambda: check_benchmark(device, lengths, repeats, budget)),
         ("training", lambda: check_training(device, budget=budget)),
         ("te", lambda: check_transformer_engine(device, budget)),

@@ -28,7 +28,7 @@ def test_cpu_dry_run_passes_every_check():
     done = _run("--device", "cpu", "--lengths", "64", "--repeats", "1", timeout=900)
     out = done.stdout
     assert done.returncode == 0, out[-4000:] + done.stderr[-4000:]
-    for check in ("math", "models", "training", "bench"):
+    for check in ("math", "models", "recompiles", "training", "bench"):
         assert f"[{check}] PASS" in out, out[-4000:]
     assert "[te] SKIP" in out  # needs CUDA and transformer_engine
     assert "gpu_check: all checks passed" in out
@@ -48,7 +48,7 @@ def test_a_spent_time_budget_runs_nothing_and_says_so():
     assert done.returncode == 0, out + done.stderr
     for check in ("math", "models", "training", "te", "bench"):
         assert f"[{check}] SKIP (time budget spent)" in out, out
-    assert "gpu_check: all checks passed; not run for time: math models bench training te" in out
+    assert "gpu_check: all checks passed; not run for time: math models recompiles bench training te" in out
 
 
 def test_benchmark_rows_past_the_budget_are_listed_as_skipped(capsys):
@@ -85,6 +85,6 @@ def test_session_run_logs_gpu_check_into_out(tmp_path):
                           text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     log = (tmp_path / "gpu_check.log").read_text()
-    assert "not run for time: math models bench training te" in log and "gpu_check on cpu" in log
+    assert "not run for time: math models recompiles bench training te" in log and "gpu_check on cpu" in log
     bad = subprocess.run(["bash", SESSION, "launch"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage:" in bad.stderr
