@@ -54,6 +54,19 @@ def check_memory_math(device: torch.device) -> None:
         check_all(device, dtype)
 
 
+class Budget:
+    """Seconds this run may still spend (None: no limit)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
 def _pretrain(workdir: str, extra: list[str], timeout: float) -> dict[int, float]:
     """Run pretrain_mosaic.py under torchrun (1 process); returns {iteration: loss}."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",

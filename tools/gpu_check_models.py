@@ -29,19 +29,6 @@ def check_models(device: torch.device) -> None:
             print(f"    {kind}: packed documents, loss fp32 {losses['fp32']:.4f} bf16 {losses['bf16']:.4f}")
 
 
-class Budget:
-    """Seconds this run may still spend (None: no limit)."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.end = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> float:
-        return float("inf") if self.end is None else self.end - time.monotonic()
-
-    def spent(self) -> bool:
-        return self.left() <= 0
-
-
 def check_no_recompiles(device: torch.device) -> None:
     """v2 training steps as the loop runs them (a new long-term delay each step, micro-batches
     with and without document starts, bf16) compile no new graph once each kind of step has run:
