@@ -96,12 +96,12 @@ def check_training(device: torch.device, extra: list[str] = (), resume: bool = T
                    budget: Budget = Budget(None)) -> None:
     def run(workdir: str, arguments: list[str]) -> dict[int, float]:  # 300 s at most, never past the budget
         if budget.spent():
-            raise Skip("time budget spent")
+            raise OutOfTime()
         try:
             return _pretrain(workdir, arguments, min(300.0, budget.left()))
         except subprocess.TimeoutExpired:
             if budget.spent():
-                raise Skip("time budget spent during a run") from None
+                raise OutOfTime("time budget spent during a run") from None
             raise
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -149,6 +149,13 @@ class Skip(Exception):
     """A check that does not apply here (says why)."""
 
 
+class OutOfTime(Skip):
+    """A check not run, or cut short, because the time budget is spent."""
+
+    def __init__(self, why: str = "time budget spent") -> None:
+        super().__init__(why)
+
+
 def run_checks(checks: list[tuple[str, Callable[[], None]]], budget: Budget = Budget(None)) -> int:
     failed, unrun = 0, []
     for name, check in checks:
@@ -156,12 +163,12 @@ def run_checks(checks: list[tuple[str, Callable[[], None]]], budget: Budget = Bu
         print(f"[{name}]", flush=True)
         try:
             if budget.spent():
-                raise Skip("time budget spent")
+                raise OutOfTime()
             check()
             status = "PASS"
         except Skip as why:
             status = f"SKIP ({why})"
-            if budget.spent():
+            if isinstance(why, OutOfTime):
                 unrun.append(name)
         except Exception as err:  # report and go on: one run shows every failure
             status = f"FAIL: {type(err).__name__}: {err}"

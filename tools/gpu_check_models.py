@@ -6,6 +6,15 @@ from __future__ import annotations
 import torch
 
 
+def _train_step(model: torch.nn.Module, tokens: torch.Tensor, delay: int, bf16: bool) -> torch.Tensor:
+    """Forward and backward of a next-token loss on ``tokens``, as a training step; the loss."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=delay).float().mean()
+    loss.backward()
+    return loss
+
+
 def check_models(device: torch.device) -> None:
     from megatron_mosaic.training.initialize import single_rank_megatron
     from tools.layer_benchmark import build, tokens_for
@@ -16,10 +25,7 @@ def check_models(device: torch.device) -> None:
             tokens = tokens_for(2, 128, packed=True).to(device)
             losses = {}
             for name, bf16 in (("fp32", False), ("bf16", True)):
-                model.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(tokens, labels=tokens.roll(-1, 1), long_term_delay=8).float().mean()
-                loss.backward()
+                loss = _train_step(model, tokens, 8, bf16)
                 grads = [p.grad for p in model.parameters() if p.requires_grad]
                 if not torch.isfinite(loss) or any(g is None or not torch.isfinite(g).all() for g in grads):
                     raise AssertionError(f"{kind} {name}: non-finite loss or gradient")
@@ -44,17 +50,11 @@ def check_no_recompiles(device: torch.device) -> None:
         batches = {"packed": tokens_for(2, 128, packed=True).to(device),
                    "single": tokens_for(2, 128, packed=False).to(device)}
 
-        def step(docs: str, delay: int) -> None:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                tokens = batches[docs]
-                model(tokens, labels=tokens.roll(-1, 1), long_term_delay=delay).float().mean().backward()
-
         for docs, delay in (("packed", 4), ("single", 6)):  # warm-up: every kind of step once
-            step(docs, delay)
+            _train_step(model, batches[docs], delay, bf16=True)
         warm = counters["stats"]["unique_graphs"]
         for docs, delay in (("packed", 8), ("single", 10), ("packed", 12), ("packed", 14)):
-            step(docs, delay)
+            _train_step(model, batches[docs], delay, bf16=True)
         new = counters["stats"]["unique_graphs"] - warm
     print(f"    v2: {warm} compiled graphs after warm-up, {new} more over 4 steps with new delays")
     if new:
